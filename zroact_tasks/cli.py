@@ -1,0 +1,209 @@
+"""The ``zroact`` command, over client.py and local.py.
+
+Exit codes: 0 succeeded / completed_with_errors; 1 failed / cancelled; 2 usage or configuration
+error; 3 bad input (video, model, labels, prompt).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import multiprocessing
+import sys
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from .config import STAGE2_CONCURRENCY_RANGE, Settings, use_settings
+from .errors import ConfigError, InputError, ZroactError
+from .models import JobReport
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT = 0, 1, 2, 3
+DEFAULT_CONCURRENCY = {"control": 4, "stage1": 1}
+
+
+def _settings(**flags: Any) -> Settings:
+    """Settings from the environment, with the CLI flags that were given on top."""
+    try:
+        return Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"zroact: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handles_errors(func):
+    """Turn zroact errors into one stderr line and an exit code; tracebacks only with --debug."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return func(*args, **kwargs)
+        except (ZroactError, OSError) as exc:
+            if debug:
+                traceback.print_exc()
+            code = EXIT_INPUT if isinstance(exc, InputError) else (
+                EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED)
+            _fail(str(exc), code)
+    return wrapper
+
+
+def check_model_isolated(settings: Settings) -> str:
+    """Load the model in a spawned process: the caller (a worker parent) must never hold a session."""
+    from .stage1.detector import check_model
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(check_model, settings).result()
+
+
+def finish(report: JobReport, json_out: Path | None) -> None:
+    """Print the summary, write OUT, exit with the report's code."""
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.model_dump(mode="json"), indent=2))
+    verdicts = sum(1 for s in report.slots if s.verdict is not None)
+    errors = sum(1 for s in report.slots if s.error) + sum(1 for k in report.keyframes if k.error)
+    frames = report.video.frames if report.video else 0
+    click.echo(f"job {report.job_id}: {report.status} in {report.timings.get('total', 0):.2f} s — "
+               f"{frames} frames, {len(report.keyframes)} keyframes, {len(report.slots)} slots, "
+               f"{verdicts} verdicts, {errors} errors; stage 2 {report.stage2.status}"
+               + (f" ({report.stage2.model})" if report.stage2.model else ""))
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if json_out is not None:
+        click.echo(f"report: {json_out}")
+    if report.error is not None:
+        _fail(report.error.message, EXIT_INPUT if report.error.input_error else EXIT_FAILED)
+    if report.status in ("failed", "cancelled"):
+        _fail(f"job {report.job_id} {report.status}", EXIT_FAILED)
+
+
+@click.group()
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(debug: bool) -> None:
+    """zroact: two-stage video inference on Celery + Redis."""
+
+
+@main.command()
+@click.argument("video", type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path), help="Stage 1 ONNX model [ZROACT_MODEL].")
+@click.option("--labels", type=click.Path(path_type=Path), help="Class names, one per line.")
+@click.option("--vlm-url", help="vLLM server root, e.g. http://127.0.0.1:8000 (none: skip Stage 2).")
+@click.option("--vlm-model", help="Served model name (default: the only one listed).")
+@click.option("--prompt", help="Stage 2 prompt.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the report here.")
+@click.option("--timeout", type=float, default=None, help="Give up waiting after this many seconds.")
+@handles_errors
+def run(video: Path, model: Path | None, labels: Path | None, vlm_url: str | None,
+        vlm_model: str | None, prompt: str | None, json_out: Path | None,
+        timeout: float | None) -> None:
+    """Run one job on a throwaway local Redis and local workers, then shut them down."""
+    from .local import EmbeddedRedis, LocalCluster
+    from .media.video import probe, resolve_video_path
+
+    settings = _settings(model=model, labels=labels, vlm_url=vlm_url, vlm_model=vlm_model,
+                         prompt=prompt)
+    path = resolve_video_path(video, settings.media_root)
+    probe(path, max_pixels=settings.max_pixels, max_frames=settings.max_frames,
+          max_duration_s=settings.max_duration_s)
+    click.echo(f"stage 1 model: {check_model_isolated(settings)}", err=True)
+    env = {f"ZROACT_{k.upper()}": str(v) for k, v in
+           {"model": settings.model, "labels": settings.labels, "vlm_url": settings.vlm_url,
+            "vlm_model": settings.vlm_model}.items() if v is not None}
+    with EmbeddedRedis() as server:
+        from .client import Client
+
+        cluster = LocalCluster(server.url, env=env).start()
+        client = Client(server.url, settings=settings)
+        try:
+            cluster.wait_ready(client.app)
+            job = client.submit(path, prompt=settings.prompt)
+            click.echo(f"job {job.id} submitted; workers' logs in {cluster.log_dir}", err=True)
+            report = job.wait(timeout)
+        finally:
+            cluster.stop()
+            client.close()
+    finish(report, json_out)
+
+
+@main.command()
+@click.argument("video")
+@click.option("--prompt", help="Stage 2 prompt.")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the report.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the report here.")
+@click.option("--redis-url", help="The cluster's Redis [ZROACT_REDIS_URL].")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after this long.")
+@handles_errors
+def submit(video: str, prompt: str | None, wait_: bool, json_out: Path | None,
+           redis_url: str | None, timeout: float | None) -> None:
+    """Submit a job to a running cluster; prints its id."""
+    from .client import Client
+
+    client = Client(settings=_settings(redis_url=redis_url))
+    job = client.submit(video, prompt=prompt)
+    click.echo(job.id)
+    if wait_ or json_out is not None:
+        finish(job.wait(timeout), json_out)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--redis-url", help="The cluster's Redis [ZROACT_REDIS_URL].")
+@handles_errors
+def status(job_id: str, redis_url: str | None) -> None:
+    """Print a job's state and progress as JSON."""
+    from .client import Client
+
+    click.echo(Client(settings=_settings(redis_url=redis_url)).job(job_id).status().model_dump_json())
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--redis-url", help="The cluster's Redis [ZROACT_REDIS_URL].")
+@handles_errors
+def cancel(job_id: str, redis_url: str | None) -> None:
+    """Cancel a job: pending tasks are revoked, running ones stop at their next step."""
+    from .client import Client
+
+    job = Client(settings=_settings(redis_url=redis_url)).job(job_id)
+    click.echo(f"job {job_id}: " + ("cancelled" if job.cancel() else "already ended"))
+
+
+@main.command()
+@click.argument("role", type=click.Choice(["stage1", "stage2", "control"]))
+@click.option("--concurrency", "-c", type=int, help="Pool processes (stage2: ZROACT_STAGE2_CONCURRENCY).")
+@click.option("--name", "-n", default=None, help="Node name (default ROLE@%h).")
+@click.option("--loglevel", "-l", default="INFO")
+@handles_errors
+def worker(role: str, concurrency: int | None, name: str | None, loglevel: str) -> None:
+    """Start a Celery worker with this role's queue, pool and concurrency."""
+    settings = _settings(preload_detector=role == "stage1")
+    if role == "stage1":
+        click.echo(f"stage 1 model: {check_model_isolated(settings)}", err=True)
+    if role == "stage2":
+        concurrency = concurrency or settings.stage2_concurrency
+        low, high = STAGE2_CONCURRENCY_RANGE
+        if not low <= concurrency <= high and not settings.stage2_concurrency_override:
+            raise ConfigError(f"stage2 concurrency {concurrency} is outside {low}-{high} (the VRAM "
+                              "budget); set ZROACT_STAGE2_CONCURRENCY_OVERRIDE=true to allow it")
+        if settings.vlm_url is None:
+            click.echo("warning: no ZROACT_VLM_URL; this worker will fail Stage 2 requests", err=True)
+    use_settings(settings)  # before the app is imported: celeryconfig reads it
+    from .app import app
+
+    app.worker_main([
+        "worker", "-Q", role, "-P", "prefork", "-c", str(concurrency or DEFAULT_CONCURRENCY[role]),
+        "-n", name or f"{role}@%h", "-E", "--prefetch-multiplier", "1", "-l", loglevel,
+    ])
+
+
+if __name__ == "__main__":
+    main()

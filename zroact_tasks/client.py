@@ -1,0 +1,111 @@
+"""The Python client: ``Client.submit()`` -> ``Job`` with ``status()``, ``wait()``, ``cancel()``."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+
+from . import pipeline
+from .app import make_app
+from .config import Settings, get_settings
+from .errors import JobTimeoutError, PromptError
+from .jobstate import JobStore
+from .media.clips import keyframe_indices
+from .models import FINAL_STATES, JobReport, JobSpec, JobStatus
+
+
+class Client:
+    """Submits jobs to, and follows them on, the cluster behind one Redis."""
+
+    def __init__(self, redis_url: str | None = None, *, settings: Settings | None = None) -> None:
+        settings = settings or get_settings()
+        if redis_url is not None:
+            settings = settings.model_copy(update={"redis_url": redis_url})
+        self.settings = settings
+        self.app = make_app(settings)
+        self.jobs = JobStore(settings.redis_url, settings.result_ttl_s)
+
+    def submit(self, path: str | os.PathLike, prompt: str | None = None) -> Job:
+        """Queue a job for the video at ``path`` (as the workers see it); returns at once."""
+        s = self.settings
+        prompt = s.prompt if prompt is None else prompt
+        if not prompt.strip():
+            raise PromptError("prompt", "is empty")
+        if len(prompt) > s.max_prompt_chars:
+            raise PromptError("prompt", f"{len(prompt)} characters is over MAX_PROMPT_CHARS "
+                                        f"{s.max_prompt_chars}")
+        local = Path(path)
+        # A path that exists here is sent absolute (local workers); any other path is left for
+        # the workers to resolve against their MEDIA_ROOT.
+        video = str(local.resolve()) if local.exists() and s.media_root is None else str(path)
+        spec = JobSpec(
+            job_id=uuid.uuid4().hex, video=video, prompt=prompt,
+            keyframe_stride=s.keyframe_stride, sampling_rate=s.sampling_rate,
+            clip_length=s.clip_length, slot_size=s.slot_size, score_threshold=s.score_threshold,
+            nms_iou=s.nms_iou, max_detections=s.max_detections, submitted_at=time.time(),
+        )
+        self.jobs.create(spec)
+        self.app.send_task(pipeline.INGEST, args=(spec.model_dump(mode="json"),),
+                           task_id=pipeline.ingest_id(spec.job_id))
+        return Job(self, spec.job_id)
+
+    def job(self, job_id: str) -> Job:
+        """A handle on an existing job; JobNotFoundError if the cluster has no record of it."""
+        self.jobs.meta(job_id)
+        return Job(self, job_id)
+
+    def close(self) -> None:
+        self.app.close()
+
+
+class Job:
+    """One submitted job."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self._client, self.id = client, job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def status(self) -> JobStatus:
+        """State and Stage 1 / Stage 2 progress (done / total)."""
+        return self._client.jobs.status(self.id)
+
+    def report(self) -> JobReport | None:
+        """The report if the job has ended, else None."""
+        raw = self._client.jobs.report_json(self.id)
+        return JobReport.model_validate_json(raw) if raw else None
+
+    def wait(self, timeout: float | None = None) -> JobReport:
+        """Block until the job ends (no polling: Celery's Redis backend uses pub/sub)."""
+        done = self.report()
+        if done is not None:
+            return done
+        result = self._client.app.AsyncResult(pipeline.finalize_id(self.id))
+        try:
+            data = result.get(timeout=timeout, propagate=True)
+        except CeleryTimeoutError as exc:
+            raise JobTimeoutError(self.id, timeout or 0) from exc
+        return JobReport.model_validate(data)
+
+    def cancel(self) -> bool:
+        """Revoke every pending task of the job and end it ``cancelled``.
+
+        Running tasks stop at their next step. False if the job had already ended or stopped.
+        """
+        jobs = self._client.jobs
+        if jobs.meta(self.id).get("state") in FINAL_STATES or not jobs.request_abort(self.id, "cancelled"):
+            return False
+        spec, meta = jobs.spec(self.id), jobs.meta(self.id)
+        seen = int(meta.get("keyframes_seen", 0))
+        keyframes = keyframe_indices(seen * spec.keyframe_stride, spec.keyframe_stride)
+        ids = pipeline.job_task_ids(self.id, keyframes, spec.slot_size,
+                                    self._client.settings.stage1_batch)
+        self._client.app.control.revoke(ids)
+        if jobs.close_barrier(self.id):
+            pipeline.send_finalize(self._client.app, self.id)
+        return True

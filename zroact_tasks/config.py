@@ -1,0 +1,120 @@
+"""Settings: everything zroact reads from the environment (prefix ``ZROACT_``).
+
+This module is the only reader of ``os.environ``. CLI flags override values by building a new
+``Settings`` with ``settings.model_copy(update=...)``; worker processes receive the same values
+through the environment their supervisor gives them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+STAGE2_CONCURRENCY_RANGE = (2, 3)
+"""Per-worker VLM requests in flight the VRAM budget allows (≈5 GB weights + 1–2 GB each)."""
+
+
+class Settings(BaseSettings):
+    """Everything zroact reads from the environment (prefix ``ZROACT_``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ZROACT_", frozen=True, use_attribute_docstrings=True, extra="ignore"
+    )
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Broker, result backend and frame store (one Redis)."""
+    model: Path | None = None
+    """Stage 1 ONNX model (YOWOv3 layout). Required by Stage 1 workers."""
+    labels: Path | None = None
+    """Optional class names, one per line; their count must equal the model's classes."""
+    vlm_url: str | None = None
+    """vLLM server root (``http://host:8000``; a trailing ``/v1`` is accepted). None skips Stage 2."""
+    vlm_model: str | None = None
+    """Served model name; None = the only model listed by ``/v1/models``."""
+    prompt: str = (
+        "You review the output of an action detector on three video frames taken one stride "
+        "apart. Say which action, if any, is really happening."
+    )
+    """Default Stage 2 prompt; the slot's Stage 1 detections are appended to it."""
+
+    keyframe_stride: int = Field(10, ge=1)
+    """Every stride-th frame is a keyframe (keyframe i is frame i*stride - 1)."""
+    sampling_rate: int = Field(1, ge=1)
+    """Step between the 16 frames of a clip, counting back from its keyframe."""
+    clip_length: int = Field(16, ge=1)
+    """Frames per clip (YOWOv3: 16)."""
+    slot_size: int = Field(3, ge=1)
+    """Keyframes per Stage 2 request."""
+    score_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    """Keep class scores above this."""
+    nms_iou: float = Field(0.5, gt=0.0, le=1.0)
+    """Per-class NMS IoU threshold."""
+    max_detections: int = Field(300, ge=1)
+    """Detections kept per keyframe after NMS."""
+    detector: str = "onnx"
+    """Stage 1 runtime: ``onnx`` or ``package.module:Class`` (see stage1/detector.py)."""
+    preload_detector: bool = False
+    """Load the Stage 1 model as each worker process starts (``zroact worker stage1`` sets it)."""
+    stage1_batch: int = Field(1, ge=1)
+    """Clips per Stage 1 task (one onnxruntime call when the model's batch is dynamic)."""
+    frame_jpeg_quality: int = Field(95, ge=50, le=100)
+    """JPEG quality of frames held in the store (they are also what Stage 2 sends)."""
+    stage2_max_side: int | None = Field(None, ge=32)
+    """Downscale Stage 2 images so the longer side is at most this; None = original resolution."""
+
+    stage2_concurrency: int = 3
+    """VLM requests in flight per Stage 2 worker; 2–3 unless overridden."""
+    stage2_concurrency_override: bool = False
+    """Allow a Stage 2 concurrency outside 2–3."""
+    vlm_timeout_s: float = Field(60.0, gt=0)
+    """Per-request timeout for the VLM server."""
+    vlm_max_retries: int = Field(4, ge=0)
+    """Retries of transient VLM errors (connection refused, timeouts, 5xx), exponential backoff."""
+    vlm_backoff_max_s: float = Field(8.0, gt=0)
+    """Cap of one backoff sleep between VLM retries."""
+    vlm_max_tokens: int = Field(256, ge=16)
+    """``max_tokens`` of a Stage 2 request."""
+
+    job_deadline_s: float = Field(3600.0, gt=0)
+    """A job still running after this ends ``failed``."""
+    visibility_timeout_s: int = Field(3600, ge=10)
+    """Redis redelivers an unacked task after this; keep it above the longest task."""
+    result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    """How long reports and task results stay in Redis."""
+    media_root: Path | None = None
+    """If set, videos must resolve (symlinks followed) to a path under this directory."""
+    max_frames: int = Field(108_000, ge=1)
+    """Longest video accepted, in decoded frames (1 h at 30 fps)."""
+    max_pixels: int = Field(3840 * 2160, ge=1)
+    """Largest frame accepted, width x height."""
+    max_duration_s: float = Field(3600.0, gt=0)
+    """Longest video accepted, in seconds."""
+    max_prompt_chars: int = Field(4000, ge=1)
+    """Longest prompt accepted."""
+
+    @field_validator("vlm_url")
+    @classmethod
+    def _strip_v1(cls, url: str | None) -> str | None:
+        if not url:
+            return None
+        url = url.rstrip("/")
+        return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+_current: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment (or set by ``use_settings``)."""
+    global _current
+    if _current is None:
+        _current = Settings()
+    return _current
+
+
+def use_settings(settings: Settings) -> None:
+    """Make ``settings`` the process-wide settings (CLI flags; inherited by forked workers)."""
+    global _current
+    _current = settings

@@ -1,0 +1,1 @@
+"""The control queue: ingest, slot bookkeeping between the stages, and the report."""

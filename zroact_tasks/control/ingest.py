@@ -1,0 +1,96 @@
+"""Ingest: decode a video once, store the frames Stage 1 and Stage 2 read, send each slot's chord.
+
+Slots are sent while decoding goes on: slot j leaves as soon as its last keyframe is decoded and
+stored, so Stage 1 of a long video starts within a few frames of the beginning.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..config import Settings
+from ..errors import VideoDecodeError, VideoTooShortError
+from ..media import clips, video
+from ..media.store import FrameStore
+from ..models import JobSpec, VideoInfo
+
+FLUSH_EVERY = 32
+"""Frames buffered before one pipelined write to the store (bounds ingest memory)."""
+
+SendSlot = Callable[[int, list[int]], None]
+
+
+@dataclass
+class IngestResult:
+    video: VideoInfo
+    keyframes: list[int]
+    slots: list[list[int]]
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _Buffer:
+    def __init__(self, store: FrameStore, job_id: str) -> None:
+        self.store, self.job_id, self.frames = store, job_id, {}
+
+    def add(self, index: int, data: bytes) -> None:
+        self.frames[index] = data
+        if len(self.frames) >= FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        self.store.put_many(self.job_id, self.frames)
+        self.frames = {}
+
+
+def ingest(spec: JobSpec, settings: Settings, store: FrameStore, send_slot: SendSlot,
+           should_stop: Callable[[], bool] = lambda: False) -> IngestResult:
+    """Decode ``spec.video``, store needed frames, call ``send_slot(j, keyframes)`` per slot.
+
+    Raises an InputError subclass when the video cannot be used; in that case no slot has been
+    sent unless the video broke a limit mid-way (the caller then aborts the job).
+    """
+    started = time.perf_counter()
+    path = video.resolve_video_path(spec.video, settings.media_root)
+    info = video.probe(path, max_pixels=settings.max_pixels, max_frames=settings.max_frames,
+                       max_duration_s=settings.max_duration_s)
+    stride, size = spec.keyframe_stride, spec.slot_size
+    buffer = _Buffer(store, spec.job_id)
+    keyframes: list[int] = []
+    pending: list[int] = []  # keyframes of the slot being filled
+    slots: list[list[int]] = []
+    decoded = 0
+    for index, frame in video.decode(path, settings.max_frames):
+        decoded = index + 1
+        if clips.is_needed(index, stride, spec.clip_length, spec.sampling_rate):
+            buffer.add(index, video.encode_jpeg(frame, settings.frame_jpeg_quality))
+        if not clips.is_keyframe(index, stride):
+            continue
+        keyframes.append(index)
+        pending.append(index)
+        if len(pending) == size:
+            buffer.flush()  # a slot leaves only once every frame of its clips is stored
+            if should_stop():
+                break
+            send_slot(len(slots), pending)
+            slots.append(pending)
+            pending = []
+    buffer.flush()
+    if decoded == 0:
+        raise VideoDecodeError(str(spec.video), "no frame could be decoded")
+    if not keyframes:
+        raise VideoTooShortError(
+            str(spec.video), f"{decoded} frames is shorter than one keyframe stride ({stride})")
+    if pending and not should_stop():
+        send_slot(len(slots), pending)  # trailing partial slot: Stage 1 only
+        slots.append(pending)
+    warnings = []
+    if info.declared_frames and decoded < info.declared_frames:
+        warnings.append(f"decoded {decoded} of {info.declared_frames} frames")
+    return IngestResult(
+        video=VideoInfo(frames=decoded, fps=info.fps, width=info.width, height=info.height),
+        keyframes=keyframes, slots=slots, warnings=warnings,
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,84 @@
+"""Assemble a job's report from its records in Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from ..models import (
+    JobError,
+    JobReport,
+    Keyframe,
+    SlotResult,
+    Stage2Info,
+    VideoInfo,
+)
+
+
+def _span(records: list[dict]) -> float:
+    starts = [r["t0"] for r in records if "t0" in r]
+    ends = [r["t1"] for r in records if "t1" in r]
+    return round(max(ends) - min(starts), 4) if starts and ends else 0.0
+
+
+def build_report(job_id: str, meta: dict[str, str], kf_records: dict[int, dict],
+                 groups: dict[int, dict]) -> JobReport:
+    """The report from the job's meta hash, its Stage 1 records and its group records."""
+    spec = json.loads(meta["spec"])
+    error = JobError.model_validate_json(meta["error"]) if "error" in meta else None
+    abort = meta.get("abort")
+    video = VideoInfo.model_validate_json(meta["video"]) if "video" in meta else None
+    fps = video.fps if video else 30.0
+    keyframe_list: list[int] = json.loads(meta.get("keyframes", "[]"))
+    missing_reason = "cancelled" if abort == "cancelled" else "no Stage 1 result"
+
+    keyframes = []
+    for index in keyframe_list:
+        rec = kf_records.get(index)
+        keyframes.append(Keyframe(
+            index=index, time_s=round(index / fps, 4),
+            detections=rec.get("detections", []) if rec else [],
+            error=(rec.get("error") if rec else missing_reason),
+        ))
+
+    slots = []
+    slot_size = spec["slot_size"]
+    for j, kfs in enumerate(json.loads(meta.get("slots", "[]"))):
+        if len(kfs) < slot_size:
+            continue  # trailing partial slot: Stage 1 only, no Stage 2 request
+        rec = groups.get(j, {})
+        error_text = rec.get("error") if rec else missing_reason
+        slots.append(SlotResult(slot=j, keyframes=kfs, verdict=rec.get("verdict"), error=error_text))
+
+    stage2_enabled = meta.get("stage2") == "true"
+    stage2_records = [g for g in groups.values() if g.get("stage2")]
+    models = {g["model"] for g in stage2_records if g.get("model")}
+    stage2 = Stage2Info(
+        status="done" if stage2_enabled else "skipped",
+        model=next(iter(models)) if models else None,
+        reason=None if stage2_enabled else "no VLM URL configured (ZROACT_VLM_URL / --vlm-url)",
+    )
+
+    if abort == "cancelled":
+        status = "cancelled"
+    elif error is not None:
+        status = "failed"
+    elif any(k.error for k in keyframes) or any(s.error for s in slots):
+        status = "completed_with_errors"
+    else:
+        status = "succeeded"
+
+    now = time.time()
+    timings = {"total": round(now - spec["submitted_at"], 4)}
+    if "ingest_started" in meta:
+        timings["queued"] = round(float(meta["ingest_started"]) - spec["submitted_at"], 4)
+    if "ingest_s" in meta:
+        timings["ingest"] = round(float(meta["ingest_s"]), 4)
+    timings["stage1"] = _span(list(kf_records.values()))
+    timings["stage2"] = _span(stage2_records)
+
+    return JobReport(
+        job_id=job_id, status=status, video=video, keyframes=keyframes, slots=slots,
+        stage2=stage2, timings=timings, warnings=json.loads(meta.get("warnings", "[]")),
+        error=error,
+    )

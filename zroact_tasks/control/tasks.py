@@ -1,0 +1,125 @@
+"""Control-queue tasks: thin wrappers; the work is in ingest.py, report.py and jobstate.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from .. import pipeline, resources
+from ..app import app
+from ..config import get_settings
+from ..errors import InputError
+from ..models import JobError, JobSpec
+from .ingest import ingest
+from .report import build_report
+
+log = logging.getLogger(__name__)
+
+
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def record_group(job_id: str, slot: int, record: dict) -> None:
+    """Record a slot's end; whoever records the last slot enqueues the report."""
+    if resources.jobs().record_group(job_id, slot, record) == 2:
+        pipeline.send_finalize(app, job_id)
+
+
+def fail_job(job_id: str, exc: BaseException, *, input_error: bool = False) -> None:
+    """End the job as ``failed`` with ``exc`` as its reason."""
+    jobs = resources.jobs()
+    error = JobError(type=type(exc).__name__, message=one_line(exc), input_error=input_error)
+    jobs.update(job_id, error=error.model_dump_json())
+    jobs.request_abort(job_id, "failed")
+    if jobs.close_barrier(job_id):
+        pipeline.send_finalize(app, job_id)
+
+
+@app.task(name=pipeline.INGEST)
+def ingest_video(spec_data: dict) -> dict:
+    """Decode the video, store its frames and send one chord per slot."""
+    spec, settings, jobs = JobSpec.model_validate(spec_data), get_settings(), resources.jobs()
+    job_id = spec.job_id
+    if jobs.cancel_requested(job_id):
+        return {"job_id": job_id, "skipped": "job already stopped"}
+    stage2 = settings.vlm_url is not None
+    jobs.update(job_id, state="running", ingest_started=str(time.time()),
+                stage2="true" if stage2 else "false")
+    params = {"clip_length": spec.clip_length, "sampling_rate": spec.sampling_rate,
+              "score_threshold": spec.score_threshold, "nms_iou": spec.nms_iou,
+              "max_detections": spec.max_detections}
+    seen = {"keyframes": 0, "slots": 0}
+
+    def send_slot(slot: int, keyframes: list[int]) -> None:
+        judge = stage2 and len(keyframes) == spec.slot_size
+        pipeline.send_slot(app, job_id, slot, keyframes, params=params, judge=judge,
+                           batch=settings.stage1_batch)
+        seen["keyframes"] += len(keyframes)
+        seen["slots"] += judge
+        jobs.update(job_id, keyframes_seen=str(seen["keyframes"]), slots_seen=str(seen["slots"]))
+
+    try:
+        result = ingest(spec, settings, resources.frames(), send_slot,
+                        should_stop=lambda: jobs.cancel_requested(job_id))
+    except InputError as exc:
+        log.info("job %s: bad input: %s", job_id, exc)
+        fail_job(job_id, exc, input_error=True)
+        return {"job_id": job_id, "error": str(exc)}
+    except Exception as exc:  # any other failure must still end the job with a report
+        log.exception("job %s: ingest failed", job_id)
+        fail_job(job_id, exc)
+        return {"job_id": job_id, "error": one_line(exc)}
+    full_slots = sum(1 for s in result.slots if len(s) == spec.slot_size)
+    jobs.update(
+        job_id, video=result.video.model_dump_json(), keyframes=json.dumps(result.keyframes),
+        slots=json.dumps(result.slots), warnings=json.dumps(result.warnings),
+        keyframes_total=str(len(result.keyframes)),
+        slots_total=str(full_slots if stage2 else 0), ingest_s=str(result.seconds),
+    )
+    if jobs.set_groups_total(job_id, len(result.slots)):
+        pipeline.send_finalize(app, job_id)
+    return {"job_id": job_id, "frames": result.video.frames, "keyframes": len(result.keyframes)}
+
+
+@app.task(name=pipeline.SLOT_READY)
+def slot_ready(header: list[list[dict]], job_id: str, slot: int, keyframes: list[int],
+               judge: bool) -> dict:
+    """Chord body: a slot's Stage 1 is done; enqueue its Stage 2 request (or close the slot)."""
+    results = [r for batch in header for r in batch]
+    failed = [r for r in results if r.get("error")]
+    if failed:
+        first = failed[0]
+        record_group(job_id, slot, {"error": f"stage 1 failed on frame {first['keyframe']}: "
+                                             f"{first['error']}"})
+        return {"slot": slot, "stage2": False}
+    if judge and not resources.jobs().cancel_requested(job_id):
+        detections = {str(r["keyframe"]): r["detections"] for r in results}
+        pipeline.send_judge(app, job_id, slot, keyframes, detections)
+        return {"slot": slot, "stage2": True}
+    record_group(job_id, slot, {"stage2": False})
+    return {"slot": slot, "stage2": False}
+
+
+@app.task(name=pipeline.SLOT_FAILED)
+def slot_failed(failed_task_id: str, job_id: str, slot: int, keyframes: list[int]) -> None:
+    """Error callback of a slot's chord: record why, so the job still reaches its report."""
+    exc = app.AsyncResult(failed_task_id).result  # a stored result, not a wait
+    log.warning("job %s slot %d failed: %s", job_id, slot, exc)
+    record_group(job_id, slot, {"error": f"slot failed: {one_line(exc or 'unknown error')}"})
+
+
+@app.task(name=pipeline.FINALIZE)
+def finalize(job_id: str) -> dict:
+    """Build the report once, keep it in Redis with an expiry, delete the job's frames."""
+    jobs = resources.jobs()
+    existing = jobs.report_json(job_id)
+    if existing is not None:  # redelivered: the report was already built
+        return json.loads(existing)
+    report = build_report(job_id, jobs.meta(job_id), jobs.keyframes(job_id), jobs.groups(job_id))
+    jobs.save_report(job_id, report.model_dump_json(), report.status)
+    resources.frames().delete(job_id)
+    log.info("job %s %s in %.2f s", job_id, report.status, report.timings.get("total", 0))
+    return report.model_dump(mode="json")

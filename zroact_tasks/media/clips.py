@@ -1,0 +1,36 @@
+"""Keyframes, clips and slots: pure index arithmetic (YOWOv3 layout), no I/O."""
+
+from __future__ import annotations
+
+
+def keyframe_indices(n_frames: int, stride: int) -> list[int]:
+    """Keyframe i (i = 1..n//stride) is frame i*stride - 1: 419 frames, stride 10 -> 9, 19, ..., 409."""
+    return [i * stride - 1 for i in range(1, n_frames // stride + 1)]
+
+
+def is_keyframe(frame: int, stride: int) -> bool:
+    return (frame + 1) % stride == 0
+
+
+def clip_frames(keyframe: int, length: int = 16, sampling_rate: int = 1) -> list[int]:
+    """The clip's frame indices, oldest first, ending AT the keyframe, clamped at frame 0."""
+    return [max(0, keyframe - (length - 1 - t) * sampling_rate) for t in range(length)]
+
+
+def is_needed(frame: int, stride: int, length: int = 16, sampling_rate: int = 1) -> bool:
+    """Whether any keyframe's clip uses this frame (so ingest stores only what Stage 1 reads)."""
+    if frame == 0:
+        return True  # clips near the start clamp to frame 0
+    first_key = ((frame + 1 + stride - 1) // stride) * stride - 1
+    span = (length - 1) * sampling_rate
+    return any((key - frame) % sampling_rate == 0 for key in range(first_key, frame + span + 1, stride))
+
+
+def slot_of(keyframe_position: int, slot_size: int) -> int:
+    """Slot j holds keyframes slot_size*j .. slot_size*j + slot_size - 1 of the keyframe list."""
+    return keyframe_position // slot_size
+
+
+def split_slots(keyframes: list[int], slot_size: int) -> list[list[int]]:
+    """Consecutive groups of slot_size keyframes; a trailing partial group is kept (Stage 1 only)."""
+    return [keyframes[i : i + slot_size] for i in range(0, len(keyframes), slot_size)]

@@ -1,0 +1,105 @@
+"""Opening, checking and decoding videos with OpenCV."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..errors import (
+    MediaRootError,
+    VideoDecodeError,
+    VideoLimitError,
+    VideoNotFoundError,
+)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the container says before decoding; ``declared_frames`` may be wrong or 0."""
+
+    path: Path
+    fps: float
+    width: int
+    height: int
+    declared_frames: int
+
+
+def resolve_video_path(path: str | os.PathLike, media_root: Path | None) -> Path:
+    """The video's real path, checked to be a non-empty regular file under ``media_root``."""
+    raw = Path(path)
+    if media_root is not None:
+        root = Path(media_root).resolve()
+        resolved = (root / raw).resolve() if not raw.is_absolute() else raw.resolve()
+        # resolve() follows symlinks and removes '..', so both kinds of escape are caught here.
+        if not resolved.is_relative_to(root):
+            raise MediaRootError(str(path), f"resolves outside MEDIA_ROOT {root}")
+    else:
+        resolved = raw.resolve()
+    if not resolved.exists():
+        raise VideoNotFoundError(str(path), "no such file")
+    if not resolved.is_file():
+        raise VideoNotFoundError(str(path), "not a regular file")
+    if resolved.stat().st_size == 0:
+        raise VideoDecodeError(str(path), "the file is empty")
+    return resolved
+
+
+def probe(path: Path, *, max_pixels: int, max_frames: int, max_duration_s: float) -> Probe:
+    """Open the video and check the limits the container declares."""
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            raise VideoDecodeError(str(path), "OpenCV cannot open it as a video")
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+        height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        declared = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+    finally:
+        cap.release()
+    if width <= 0 or height <= 0:
+        raise VideoDecodeError(str(path), "no video stream with a frame size")
+    if width * height > max_pixels:
+        raise VideoLimitError(str(path), f"{width}x{height} is over MAX_PIXELS {max_pixels}")
+    if declared > max_frames:
+        raise VideoLimitError(str(path), f"{declared} frames is over MAX_FRAMES {max_frames}")
+    if fps > 0 and declared / fps > max_duration_s:
+        raise VideoLimitError(
+            str(path), f"{declared / fps:.1f} s is over MAX_DURATION_S {max_duration_s:g}"
+        )
+    return Probe(path, fps if fps > 0 else 30.0, width, height, declared)
+
+
+def decode(path: Path, max_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (index, BGR frame) for every frame that decodes, stopping at the first failure.
+
+    Raises VideoLimitError past ``max_frames`` (the container's count can lie).
+    """
+    cap = cv2.VideoCapture(str(path))
+    try:
+        index = 0
+        while True:
+            ok, frame = cap.read()
+            if not ok or frame is None:
+                return
+            if index >= max_frames:
+                raise VideoLimitError(str(path), f"more than MAX_FRAMES {max_frames} frames")
+            yield index, frame
+            index += 1
+    finally:
+        cap.release()
+
+
+def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:  # pragma: no cover - OpenCV only fails here on an empty array
+        raise VideoDecodeError("frame", "JPEG encoding failed")
+    return buf.tobytes()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)

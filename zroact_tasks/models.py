@@ -1,0 +1,117 @@
+"""Wire models: what travels between client, tasks and the report (pydantic, JSON only)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobState = Literal["queued", "running", "succeeded", "completed_with_errors", "failed", "cancelled"]
+FINAL_STATES = frozenset({"succeeded", "completed_with_errors", "failed", "cancelled"})
+
+
+class JobSpec(BaseModel):
+    """One job as submitted: the video and every per-job parameter the tasks need."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    video: str
+    prompt: str
+    keyframe_stride: int
+    sampling_rate: int
+    clip_length: int
+    slot_size: int
+    score_threshold: float
+    nms_iou: float
+    max_detections: int
+    submitted_at: float
+
+
+class Detection(BaseModel):
+    """One detection on a keyframe, in the original frame's pixels."""
+
+    box: tuple[float, float, float, float]
+    """x1, y1, x2, y2 in original frame pixels, clipped to the frame."""
+    label: str | None
+    class_id: int
+    score: float
+
+
+class Keyframe(BaseModel):
+    index: int
+    """Frame index in the video (0-based)."""
+    time_s: float
+    detections: list[Detection] = Field(default_factory=list)
+    error: str | None = None
+
+
+class Verdict(BaseModel):
+    """What the VLM says about one slot. Its JSON Schema is sent as ``response_format``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: str = Field(max_length=200)
+    """The action the frames show, in a few words ("none" if nothing happens)."""
+    confirmed: bool
+    """Whether the detector's top detection is really happening."""
+    confidence: float = Field(ge=0.0, le=1.0)
+    reason: str = Field(max_length=1000)
+    """One or two sentences of why."""
+
+
+class SlotResult(BaseModel):
+    slot: int
+    keyframes: list[int]
+    """Frame indices of the slot's keyframes, in order."""
+    verdict: Verdict | None = None
+    error: str | None = None
+
+
+class VideoInfo(BaseModel):
+    frames: int
+    """Frames actually decoded."""
+    fps: float
+    width: int
+    height: int
+
+
+class Stage2Info(BaseModel):
+    status: Literal["done", "skipped"]
+    model: str | None = None
+    reason: str | None = None
+
+
+class JobError(BaseModel):
+    type: str
+    """The exception class, e.g. ``VideoDecodeError``."""
+    message: str
+    input_error: bool = False
+    """True when the job failed on bad input (CLI exit code 3)."""
+
+
+class JobReport(BaseModel):
+    """The result of one job; ``model_dump()`` is the JSON in ``docs/report.schema.json``."""
+
+    job_id: str
+    status: Literal["succeeded", "completed_with_errors", "failed", "cancelled"]
+    video: VideoInfo | None = None
+    keyframes: list[Keyframe] = Field(default_factory=list)
+    slots: list[SlotResult] = Field(default_factory=list)
+    stage2: Stage2Info
+    timings: dict[str, float] = Field(default_factory=dict)
+    """Seconds: ``total``, ``ingest``, ``stage1`` (first clip start → last end), ``stage2``."""
+    warnings: list[str] = Field(default_factory=list)
+    error: JobError | None = None
+
+
+class JobStatus(BaseModel):
+    """Progress of a job, as ``Job.status()`` returns it."""
+
+    job_id: str
+    state: JobState
+    stage1_done: int = 0
+    stage1_total: int = 0
+    stage2_done: int = 0
+    stage2_total: int = 0
+    elapsed_s: float = 0.0

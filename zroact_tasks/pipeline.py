@@ -1,0 +1,76 @@
+"""The canvas: ingest -> one chord per slot (Stage 1 header, body enqueues Stage 2) -> report.
+
+Each slot (group of ``slot_size`` keyframes) is its own chord, so slots never wait for each
+other and a failing slot cannot stop the others. Every group, whatever happens to it, ends in
+``JobStore.record_group``; the call that records the last one enqueues ``finalize`` (see
+jobstate.py). Task ids are derived from the job id, so a job's tasks can be revoked by id and
+the client can wait on ``{job}:finalize``.
+"""
+
+from __future__ import annotations
+
+from celery import Celery, chord, group
+
+INGEST = "zroact.control.ingest"
+SLOT_READY = "zroact.control.slot_ready"
+SLOT_FAILED = "zroact.control.slot_failed"
+FINALIZE = "zroact.control.finalize"
+DETECT = "zroact.stage1.detect_clips"
+JUDGE = "zroact.stage2.judge_slot"
+
+
+def ingest_id(job_id: str) -> str:
+    return f"{job_id}:ingest"
+
+
+def detect_id(job_id: str, first_keyframe: int) -> str:
+    return f"{job_id}:s1:{first_keyframe}"
+
+
+def slot_ready_id(job_id: str, slot: int) -> str:
+    return f"{job_id}:slot:{slot}"
+
+
+def judge_id(job_id: str, slot: int) -> str:
+    return f"{job_id}:s2:{slot}"
+
+
+def finalize_id(job_id: str) -> str:
+    return f"{job_id}:finalize"
+
+
+def batches(keyframes: list[int], size: int) -> list[list[int]]:
+    return [keyframes[i : i + size] for i in range(0, len(keyframes), size)]
+
+
+def send_slot(app: Celery, job_id: str, slot: int, keyframes: list[int], *, params: dict,
+              judge: bool, batch: int) -> None:
+    """Send slot ``slot``'s chord: Stage 1 over its clips, then ``slot_ready``."""
+    header = group([
+        app.signature(DETECT, args=(job_id, kfs, params), task_id=detect_id(job_id, kfs[0]))
+        for kfs in batches(keyframes, batch)  # a list, not a generator: see CELERY-NOTES
+    ])
+    body = app.signature(SLOT_READY, args=(job_id, slot, keyframes, judge),
+                         task_id=slot_ready_id(job_id, slot))
+    # Old-style errback (first argument: the failed task's id), so Celery sends it as a task to
+    # the control queue instead of running it inside the worker that saw the failure.
+    body.on_error(app.signature(SLOT_FAILED, args=(job_id, slot, keyframes)))
+    chord(header, body).apply_async()
+
+
+def send_judge(app: Celery, job_id: str, slot: int, keyframes: list[int],
+               detections: dict[str, list]) -> None:
+    app.send_task(JUDGE, args=(job_id, slot, keyframes, detections), task_id=judge_id(job_id, slot))
+
+
+def send_finalize(app: Celery, job_id: str) -> None:
+    app.send_task(FINALIZE, args=(job_id,), task_id=finalize_id(job_id))
+
+
+def job_task_ids(job_id: str, keyframes: list[int], slot_size: int, batch: int) -> list[str]:
+    """Every task id a job can have, for revoking them all."""
+    ids = [ingest_id(job_id)]
+    for slot, kfs in enumerate(batches(keyframes, slot_size)):
+        ids += [detect_id(job_id, b[0]) for b in batches(kfs, batch)]
+        ids += [slot_ready_id(job_id, slot), judge_id(job_id, slot)]
+    return ids

@@ -1,0 +1,26 @@
+"""Per-process handles that tasks share: settings, job records, the frame store.
+
+Built lazily on first use, so each prefork child makes its own connections after the fork.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import redis
+
+from .config import get_settings
+from .jobstate import JobStore
+from .media.store import FrameStore
+
+
+@cache
+def jobs() -> JobStore:
+    s = get_settings()
+    return JobStore(s.redis_url, s.result_ttl_s)
+
+
+@cache
+def frames() -> FrameStore:
+    s = get_settings()
+    return FrameStore(redis.Redis.from_url(s.redis_url), ttl_s=int(s.job_deadline_s) + 3600)

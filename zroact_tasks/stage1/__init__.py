@@ -1,0 +1,1 @@
+"""Stage 1: action detection over 16-frame clips (YOWOv3 layout, onnxruntime)."""

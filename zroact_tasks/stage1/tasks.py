@@ -1,0 +1,51 @@
+"""Stage 1 tasks (queue ``stage1``): thin; the work is in detect.py."""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import cache
+
+import redis
+from celery.signals import worker_process_init
+
+from .. import pipeline, resources
+from ..app import app
+from ..config import get_settings
+from ..errors import ZroactError
+from .detect import detect_keyframes
+from .detector import Detector, load_detector
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def detector() -> Detector:
+    """One session per worker process, created in the child after the fork, never the parent."""
+    return load_detector(get_settings())
+
+
+@worker_process_init.connect
+def _preload(**_: object) -> None:
+    if get_settings().preload_detector:
+        try:
+            detector()
+        except ZroactError as exc:  # tasks will report it per clip; the child must not die
+            log.error("stage1 model not loaded: %s", exc)
+
+
+@app.task(name=pipeline.DETECT, autoretry_for=(redis.ConnectionError, redis.TimeoutError),
+          retry_backoff=True, retry_backoff_max=10, max_retries=5)
+def detect_clips(job_id: str, keyframes: list[int], params: dict) -> list[dict]:
+    """Run Stage 1 on these keyframes' clips; domain errors come back as values per keyframe."""
+    jobs = resources.jobs()
+    if jobs.cancel_requested(job_id):
+        return [{"keyframe": kf, "error": "cancelled"} for kf in keyframes]
+    try:
+        results = detect_keyframes(detector(), resources.frames(), job_id, keyframes, params)
+    except ZroactError as exc:
+        log.warning("job %s keyframes %s: %s", job_id, keyframes, exc)
+        now = time.time()
+        results = [{"keyframe": kf, "error": str(exc), "t0": now, "t1": now} for kf in keyframes]
+    jobs.record_keyframes(job_id, results)
+    return results

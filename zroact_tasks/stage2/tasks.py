@@ -1,0 +1,73 @@
+"""Stage 2 tasks (queue ``stage2``): thin; the work is in vlm.py and prompts.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import cache
+
+import cv2
+import numpy as np
+
+from .. import pipeline, resources
+from ..app import app
+from ..config import get_settings
+from ..control.tasks import one_line, record_group
+from ..errors import ZroactError
+from ..media.video import decode_jpeg, encode_jpeg
+from ..models import Detection
+from .prompts import slot_text
+from .vlm import VLMClient
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def vlm() -> VLMClient:
+    s = get_settings()
+    if s.vlm_url is None:
+        raise ZroactError("Stage 2 worker has no ZROACT_VLM_URL")
+    return VLMClient(s.vlm_url, model=s.vlm_model, timeout_s=s.vlm_timeout_s,
+                     max_retries=s.vlm_max_retries, backoff_max_s=s.vlm_backoff_max_s,
+                     max_tokens=s.vlm_max_tokens)
+
+
+def _fit(jpeg: bytes, max_side: int | None, quality: int) -> bytes:
+    """The stored JPEG as is, or downscaled when STAGE2_MAX_SIDE asks for it."""
+    if max_side is None:
+        return jpeg
+    frame = decode_jpeg(jpeg)
+    scale = max_side / max(frame.shape[:2])
+    if scale >= 1:
+        return jpeg
+    size = (round(frame.shape[1] * scale), round(frame.shape[0] * scale))
+    return encode_jpeg(cv2.resize(frame, size, interpolation=cv2.INTER_AREA), quality)
+
+
+@app.task(name=pipeline.JUDGE)
+def judge_slot(job_id: str, slot: int, keyframes: list[int], detections: dict[str, list]) -> dict:
+    """Ask the VLM about one slot of keyframes and record its verdict or its error."""
+    jobs, settings = resources.jobs(), get_settings()
+    if jobs.group_done(job_id, slot):  # redelivered after the slot was recorded
+        return {"slot": slot, "duplicate": True}
+    started = time.time()
+    record: dict = {"stage2": True, "t0": started}
+    try:
+        if jobs.cancel_requested(job_id):
+            raise ZroactError("cancelled")
+        spec, meta = jobs.spec(job_id), jobs.meta(job_id)
+        fps = json.loads(meta["video"])["fps"] if "video" in meta else 30.0
+        stored = resources.frames().get_many(job_id, keyframes)
+        images = [_fit(stored[kf], settings.stage2_max_side, settings.frame_jpeg_quality)
+                  for kf in keyframes]
+        dets = {int(k): [Detection.model_validate(d) for d in v] for k, v in detections.items()}
+        client = vlm()
+        verdict = client.judge(images, slot_text(spec.prompt, keyframes, fps, dets))
+        record.update(verdict=verdict.model_dump(mode="json"), model=client.model)
+    except ZroactError as exc:
+        log.warning("job %s slot %d: %s", job_id, slot, exc)
+        record["error"] = one_line(exc)
+    record["t1"] = time.time()
+    record_group(job_id, slot, record)
+    return {"slot": slot, "error": record.get("error")}

@@ -1,0 +1,136 @@
+"""A thin client for vLLM's OpenAI-compatible server: one chat completion per slot.
+
+The only place that talks HTTP to the VLM, and the only place that turns its failures into
+zroact errors: transient ones (refused, timed out, HTTP 5xx/429/408) become
+``VLMUnavailableError`` and are retried with capped exponential backoff; everything else becomes
+``VLMResponseError`` at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+from tenacity import (
+    retry,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from ..errors import VLMResponseError, VLMUnavailableError
+from ..models import Verdict
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def verdict_schema() -> dict[str, Any]:
+    """The JSON Schema vLLM's guided decoding must follow (``response_format``)."""
+    return Verdict.model_json_schema()
+
+
+def _error_message(response: httpx.Response) -> str:
+    """vLLM's error text; it has used ``{"error": {...}}`` and flat ``{"object": "error", ...}``."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:200] or response.reason_phrase
+    if isinstance(body, dict):
+        inner = body.get("error") if isinstance(body.get("error"), dict) else body
+        message = inner.get("message") or inner.get("detail")
+        if message:
+            return " ".join(str(message).split())[:300]
+    return json.dumps(body)[:200]
+
+
+def image_part(jpeg: bytes) -> dict[str, Any]:
+    url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+class VLMClient:
+    """Chat completions against one vLLM server root (``http://host:8000``)."""
+
+    def __init__(self, base_url: str, *, model: str | None, timeout_s: float,
+                 max_retries: int, backoff_max_s: float, max_tokens: int) -> None:
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+        self._model = model
+        self.max_tokens = max_tokens
+        self._retrying = retry(
+            retry=retry_if_exception_type(VLMUnavailableError),
+            stop=stop_after_attempt(max_retries + 1),
+            wait=wait_exponential(multiplier=0.5, max=backoff_max_s),
+            reraise=True,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise VLMUnavailableError(f"VLM at {self.base_url} timed out ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise VLMUnavailableError(f"VLM at {self.base_url} unreachable: {exc}") from exc
+        if response.status_code >= 400:
+            error = VLMUnavailableError if response.status_code in TRANSIENT_STATUS else VLMResponseError
+            raise error(f"VLM HTTP {response.status_code}: {_error_message(response)}")
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise VLMResponseError(f"VLM sent a body that is not JSON: {response.text[:120]!r}") from exc
+
+    @property
+    def model(self) -> str:
+        """The configured model, else the only one the server lists."""
+        if self._model is None:
+            listed = self._retrying(self._request)("GET", "/v1/models")
+            ids = [m.get("id") for m in listed.get("data", []) if isinstance(m, dict)]
+            if len(ids) != 1:
+                raise VLMResponseError(f"VLM serves {len(ids)} models {ids}; set ZROACT_VLM_MODEL")
+            self._model = ids[0]
+        return self._model
+
+    def build_request(self, images: list[bytes], text: str) -> dict[str, Any]:
+        content = [image_part(jpeg) for jpeg in images] + [{"type": "text", "text": text}]
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "verdict", "schema": verdict_schema()}},
+            "max_tokens": self.max_tokens,
+        }
+
+    def judge(self, images: list[bytes], text: str) -> Verdict:
+        """Ask about these JPEG frames; retries transient failures, then raises."""
+        body = self.build_request(images, text)
+        answer = self._retrying(self._request)("POST", "/v1/chat/completions", json=body)
+        return parse_verdict(answer, self.max_tokens)
+
+
+def parse_verdict(answer: dict[str, Any], max_tokens: int) -> Verdict:
+    try:
+        choice = answer["choices"][0]
+        content = choice["message"]["content"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise VLMResponseError(f"VLM answer has no choices[0].message.content: {exc!r}") from exc
+    if choice.get("finish_reason") == "length":
+        raise VLMResponseError(f"VLM answer cut off at max_tokens={max_tokens} (finish_reason length)")
+    try:
+        data = json.loads(content or "")
+    except ValueError as exc:
+        raise VLMResponseError(f"VLM answer is not JSON: {str(content)[:80]!r}") from exc
+    try:
+        return Verdict.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "verdict"
+        raise VLMResponseError(f"VLM verdict breaks the schema at {where}: {first['msg']}") from exc
