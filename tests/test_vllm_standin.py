@@ -53,58 +53,61 @@ def image_url(shade: int) -> str:
 def chat_body(n_images: int = 3, *, schema: dict | None = SCHEMA, model: str = MODEL,
               name: str | None = "verdict", **extra) -> dict:
     content = [{"type": "text", "text": "Did someone fall?"}]
-    content += [{"type": "image_url", "image_url": {"url": image_url(40 * i)}} for i in range(n_images)]
+    content += [{"type": "image_url", "image_url": {"url": image_url(40 * i)}}
+                for i in range(n_images)]
     body = {"model": model, "messages": [{"role": "user", "content": content}], **extra}
     if schema is not None:
-        body["response_format"] = {"type": "json_schema",
-                                   "json_schema": {"schema": schema, **({"name": name} if name else {})}}
+        spec = {"schema": schema, **({"name": name} if name else {})}
+        body["response_format"] = {"type": "json_schema", "json_schema": spec}
     return body
 
 
+# Own function-scoped servers (not conftest's shared `standin`): these tests change faults,
+# holds and recorded requests, and check counters from zero.
 @pytest.fixture
-def standin():
+def vllm():
     with VLLMStandIn(MODEL) as server:
         yield server
 
 
 @pytest.fixture
-def client(standin):
-    with httpx.Client(base_url=standin.url, timeout=5) as http:
-        yield http
+def http(vllm):
+    with httpx.Client(base_url=vllm.url, timeout=5) as session:
+        yield session
 
 
-def chat(client: httpx.Client, body, **kwargs) -> httpx.Response:
-    return client.post("/v1/chat/completions", json=body, **kwargs)
+def chat(http: httpx.Client, body, **kwargs) -> httpx.Response:
+    return http.post("/v1/chat/completions", json=body, **kwargs)
 
 
-def test_health_version_and_unknown_route(client):
-    health = client.get("/health")
+def test_health_version_and_unknown_route(http):
+    health = http.get("/health")
     assert (health.status_code, health.content) == (200, b"")
-    assert isinstance(client.get("/version").json()["version"], str)
-    assert client.get("/nope").status_code == 404
+    assert isinstance(http.get("/version").json()["version"], str)
+    assert http.get("/nope").status_code == 404
 
 
-def test_models_list_has_vllm_model_card(client, standin):
-    body = client.get("/v1/models").json()
+def test_models_list_has_vllm_model_card(http, vllm):
+    body = http.get("/v1/models").json()
     assert body["object"] == "list"
     (card,) = body["data"]
-    assert {k: card[k] for k in ("id", "object", "owned_by", "root", "parent", "max_model_len")} == {
-        "id": MODEL, "object": "model", "owned_by": "vllm", "root": MODEL, "parent": None,
-        "max_model_len": 8192}
+    expected = {"id": MODEL, "object": "model", "owned_by": "vllm", "root": MODEL, "parent": None,
+                "max_model_len": 8192}
+    assert {k: card[k] for k in expected} == expected
     assert isinstance(card["created"], int)
     assert card["permission"][0]["object"] == "model_permission"
 
 
-def test_three_images_with_schema_give_a_conforming_vllm_response(client, standin):
+def test_three_images_with_schema_give_a_conforming_vllm_response(http, vllm):
     body = chat_body(3)
-    response = chat(client, body)
+    response = chat(http, body)
     assert response.status_code == 200
     data = response.json()
     assert data["id"].startswith("chatcmpl-") and data["object"] == "chat.completion"
     assert data["model"] == MODEL and isinstance(data["created"], int)
     (choice,) = data["choices"]
-    assert (choice["index"], choice["finish_reason"], choice["stop_reason"], choice["logprobs"]) == (
-        0, "stop", None, None)
+    assert [choice[k] for k in ("index", "finish_reason", "stop_reason", "logprobs")] == [
+        0, "stop", None, None]
     message = choice["message"]
     assert message["role"] == "assistant" and message["tool_calls"] == []
     assert {"refusal", "annotations", "audio", "function_call", "reasoning"} <= message.keys()
@@ -115,58 +118,60 @@ def test_three_images_with_schema_give_a_conforming_vllm_response(client, standi
     verdict = json.loads(message["content"])
     jsonschema.validate(verdict, SCHEMA)
     # The verdict can be tied to its request: recomputed from the recorded body, digest inside.
-    assert standin.requests == [body]
-    assert message["content"] == expected_content(standin.requests[0])
+    assert vllm.requests == [body]
+    assert message["content"] == expected_content(vllm.requests[0])
     assert image_digest(body) in verdict["reason"]
-    assert standin.responses[0].status == 200 and standin.responses[0]["body"] == data
+    assert vllm.responses[0].status == 200 and vllm.responses[0]["body"] == data
     assert image_digest(chat_body(2)) != image_digest(body)
 
 
 @pytest.mark.parametrize("schema", [
     {"type": "array", "items": {"type": "string", "minLength": 12}, "minItems": 2},
-    {"type": "object", "properties": {"n": {"type": "number", "exclusiveMinimum": 1,
-                                            "exclusiveMaximum": 2},
-                                      "k": {"type": "integer", "minimum": 5, "maximum": 5},
-                                      "c": {"const": "fixed"}, "all": {"allOf": [{"type": "boolean"}]}}},
+    {"type": "object", "properties": {
+        "n": {"type": "number", "exclusiveMinimum": 1, "exclusiveMaximum": 2},
+        "k": {"type": "integer", "minimum": 5, "maximum": 5},
+        "c": {"const": "fixed"},
+        "all": {"allOf": [{"type": "boolean"}]}}},
     {"type": ["null", "string"], "maxLength": 3},
 ])
 def test_generated_content_fits_other_schemas(schema):
     jsonschema.validate(json.loads(expected_content(chat_body(1, schema=schema))), schema)
 
 
-def test_content_fn_and_plain_text(standin, client):
-    assert image_digest(chat_body(1)) in chat(client, chat_body(1, schema=None)).json()[
+def test_content_fn_and_plain_text(vllm, http):
+    assert image_digest(chat_body(1)) in chat(http, chat_body(1, schema=None)).json()[
         "choices"][0]["message"]["content"]
-    standin.content_fn = lambda body: f"custom:{len(body['messages'])}"
-    assert chat(client, chat_body(1)).json()["choices"][0]["message"]["content"] == "custom:1"
+    vllm.content_fn = lambda body: f"custom:{len(body['messages'])}"
+    assert chat(http, chat_body(1)).json()["choices"][0]["message"]["content"] == "custom:1"
 
 
-def test_unknown_model_is_vllm_404(client):
-    response = chat(client, chat_body(1, model="gpt-4"))
+def test_unknown_model_is_vllm_404(http):
+    response = chat(http, chat_body(1, model="gpt-4"))
     assert response.status_code == 404
     assert response.json() == {"error": {"message": "The model `gpt-4` does not exist.",
                                          "type": "NotFoundError", "param": "model", "code": 404}}
 
 
-def test_validation_errors_are_400(client, standin):
-    no_name = chat(client, chat_body(1, name=None))
+def test_validation_errors_are_400(http, vllm):
+    no_name = chat(http, chat_body(1, name=None))
     assert no_name.status_code == 400
     error = no_name.json()["error"]
     assert error["type"] == "Bad Request" and error["code"] == 400
     assert "'json_schema', 'name')" in error["message"] and "Field required" in error["message"]
 
-    no_messages = chat(client, {"model": MODEL})
-    assert no_messages.status_code == 400 and "'messages')" in no_messages.json()["error"]["message"]
+    no_messages = chat(http, {"model": MODEL})
+    assert no_messages.status_code == 400
+    assert "'messages')" in no_messages.json()["error"]["message"]
 
-    not_json = client.post("/v1/chat/completions", content=b"{oops",
+    not_json = http.post("/v1/chat/completions", content=b"{oops",
                            headers={"content-type": "application/json"})
     assert not_json.status_code == 400 and "json_invalid" in not_json.json()["error"]["message"]
-    assert standin.requests[-1] == {"_raw_body": "{oops"}
-    assert [r.status for r in standin.responses] == [400, 400, 400]
+    assert vllm.requests[-1] == {"_raw_body": "{oops"}
+    assert [r.status for r in vllm.responses] == [400, 400, 400]
 
 
-def test_too_many_images_is_vllm_400(client):
-    response = chat(client, chat_body(4))
+def test_too_many_images_is_vllm_400(http):
+    response = chat(http, chat_body(4))
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["message"] == "At most 3 image(s) may be provided in one prompt."
@@ -178,23 +183,25 @@ def test_too_many_images_is_vllm_400(client):
     "data:image/jpeg;base64,@@@",
     "https://example.com/cat.jpg",
 ])
-def test_undecodable_image_is_400(client, url):
+def test_undecodable_image_is_400(http, url):
     body = chat_body(1)
     body["messages"][0]["content"][1]["image_url"]["url"] = url
-    assert chat(client, body).status_code == 400
+    assert chat(http, body).status_code == 400
 
 
-def test_max_tokens_beyond_context_is_vllm_400(client):
-    error = chat(client, chat_body(1, max_tokens=9000)).json()["error"]
-    assert error["message"].startswith("'max_tokens' or 'max_completion_tokens' is too large: 9000. "
-                                       "This model's maximum context length is 8192 tokens")
+def test_max_tokens_beyond_context_is_vllm_400(http):
+    error = chat(http, chat_body(1, max_tokens=9000)).json()["error"]
+    assert error["message"].startswith(
+        "'max_tokens' or 'max_completion_tokens' is too large: 9000. "
+        "This model's maximum context length is 8192 tokens")
     assert error["message"].endswith("(parameter=max_tokens, value=9000)")
     assert error["param"] == "max_tokens"
-    assert chat(client, chat_body(1, max_tokens=100)).status_code == 200
+    assert chat(http, chat_body(1, max_tokens=100)).status_code == 200
 
 
 def test_flat_error_shape():
-    with VLLMStandIn(MODEL, error_shape="flat") as server, httpx.Client(base_url=server.url) as http:
+    with VLLMStandIn(MODEL, error_shape="flat") as server, \
+            httpx.Client(base_url=server.url) as http:
         assert chat(http, chat_body(1, model="x")).json() == {
             "object": "error", "message": "The model `x` does not exist.", "type": "NotFoundError",
             "param": None, "code": 404}
@@ -204,52 +211,52 @@ def test_flat_error_shape():
         assert "reasoning_content" in chat(http, chat_body(1)).json()["choices"][0]["message"]
 
 
-def test_fault_modes(standin, client):
-    standin.set_fault("500", count=1)
-    failed = chat(client, chat_body(1))
+def test_fault_modes(vllm, http):
+    vllm.set_fault("500", count=1)
+    failed = chat(http, chat_body(1))
     assert failed.status_code == 500
-    assert failed.json()["error"] == {"message": "Internal server error", "type": "InternalServerError",
-                                      "param": None, "code": 500}
-    assert chat(client, chat_body(1)).status_code == 200  # count=1 reverted
+    assert failed.json()["error"] == {"message": "Internal server error",
+                                      "type": "InternalServerError", "param": None, "code": 500}
+    assert chat(http, chat_body(1)).status_code == 200  # count=1 reverted
 
-    standin.set_fault("400")
-    assert [chat(client, chat_body(1)).status_code for _ in range(2)] == [400, 400]
-    assert chat(client, chat_body(1)).json()["error"]["type"] == "BadRequestError"
+    vllm.set_fault("400")
+    assert [chat(http, chat_body(1)).status_code for _ in range(2)] == [400, 400]
+    assert chat(http, chat_body(1)).json()["error"]["type"] == "BadRequestError"
 
-    standin.set_fault("garbage", 1)
-    garbage = chat(client, chat_body(1)).json()["choices"][0]
+    vllm.set_fault("garbage", 1)
+    garbage = chat(http, chat_body(1)).json()["choices"][0]
     assert garbage["finish_reason"] == "stop"
     with pytest.raises(ValueError):
         json.loads(garbage["message"]["content"])
 
-    standin.set_fault("bad_schema", 1)
-    off = json.loads(chat(client, chat_body(1)).json()["choices"][0]["message"]["content"])
+    vllm.set_fault("bad_schema", 1)
+    off = json.loads(chat(http, chat_body(1)).json()["choices"][0]["message"]["content"])
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(off, SCHEMA)
 
-    standin.set_fault("length", 1)
-    cut = chat(client, chat_body(1)).json()["choices"][0]
+    vllm.set_fault("length", 1)
+    cut = chat(http, chat_body(1)).json()["choices"][0]
     assert cut["finish_reason"] == "length"
     with pytest.raises(ValueError):
         json.loads(cut["message"]["content"])
-    assert chat(client, chat_body(1)).json()["choices"][0]["finish_reason"] == "stop"
+    assert chat(http, chat_body(1)).json()["choices"][0]["finish_reason"] == "stop"
     with pytest.raises(ValueError):
-        standin.set_fault("teapot")
+        vllm.set_fault("teapot")
 
 
-def test_slow_fault_outlasts_the_client_until_released(standin, client):
-    standin.set_fault("slow", 1)
+def test_slow_fault_outlasts_the_client_until_released(vllm, http):
+    vllm.set_fault("slow", 1)
     started = time.monotonic()
     with pytest.raises(httpx.ReadTimeout):
-        chat(client, chat_body(1), timeout=0.3)
+        chat(http, chat_body(1), timeout=0.3)
     assert time.monotonic() - started < 2
-    assert standin.in_flight == 1
-    standin.release()
+    assert vllm.in_flight == 1
+    vllm.release()
     deadline = time.monotonic() + 2
-    while standin.in_flight and time.monotonic() < deadline:
+    while vllm.in_flight and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert standin.in_flight == 0
-    assert chat(client, chat_body(1)).status_code == 200
+    assert vllm.in_flight == 0
+    assert chat(http, chat_body(1)).status_code == 200
 
 
 def post_in_threads(url: str, bodies: list[dict]):
@@ -267,19 +274,19 @@ def post_in_threads(url: str, bodies: list[dict]):
     return results, threads
 
 
-def test_hold_release_and_in_flight(standin, client):
-    standin.hold()
-    results, threads = post_in_threads(standin.url, [chat_body(1)] * 3)
-    assert standin.wait_for_requests(3, timeout=5)
-    assert standin.in_flight == 3 and standin.responses == []
-    metrics = client.get("/metrics").text
+def test_hold_release_and_in_flight(vllm, http):
+    vllm.hold()
+    results, threads = post_in_threads(vllm.url, [chat_body(1)] * 3)
+    assert vllm.wait_for_requests(3, timeout=5)
+    assert vllm.in_flight == 3 and vllm.responses == []
+    metrics = http.get("/metrics").text
     assert f'vllm:num_requests_waiting{{engine="0",model_name="{MODEL}"}} 3.0' in metrics
     assert "vllm:num_requests_running{" in metrics and "vllm:kv_cache_usage_perc{" in metrics
-    standin.release()
+    vllm.release()
     for t in threads:
         t.join(5)
     assert [status for status, _ in results] == [200, 200, 200]
-    assert standin.in_flight == 0 and standin.max_in_flight == 3
+    assert vllm.in_flight == 0 and vllm.max_in_flight == 3
 
 
 def test_latency_grows_with_concurrency():

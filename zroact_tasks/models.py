@@ -115,3 +115,14 @@ class JobStatus(BaseModel):
     stage2_done: int = 0
     stage2_total: int = 0
     elapsed_s: float = 0.0
+
+
+def report_schema() -> dict:
+    """The JSON Schema of a report, as committed at ``docs/report.schema.json``."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **JobReport.model_json_schema()}
+
+
+if __name__ == "__main__":  # python -m zroact_tasks.models > docs/report.schema.json
+    import json
+
+    print(json.dumps(report_schema(), indent=2))

@@ -19,10 +19,10 @@ def clip_frames(keyframe: int, length: int = 16, sampling_rate: int = 1) -> list
 
 def is_needed(frame: int, stride: int, length: int = 16, sampling_rate: int = 1) -> bool:
     """Whether any keyframe's clip uses this frame (so ingest stores only what Stage 1 reads)."""
-    if frame == 0:
-        return True  # clips near the start clamp to frame 0
-    first_key = ((frame + 1 + stride - 1) // stride) * stride - 1
     span = (length - 1) * sampling_rate
+    if frame == 0:
+        return stride - 1 <= span  # the first clip reaches back to (or clamps at) frame 0
+    first_key = ((frame + 1 + stride - 1) // stride) * stride - 1
     return any((key - frame) % sampling_rate == 0 for key in range(first_key, frame + span + 1, stride))
 
 

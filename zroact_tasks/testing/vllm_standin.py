@@ -52,11 +52,14 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 FAULTS = (None, "500", "garbage", "bad_schema", "length", "slow", "400")
 SLOW_FAULT_S = 3600.0  # longer than any sane client timeout
 DIFFERENCES = (
-    "no streaming (stream=true is answered 400), no tools, no logprobs, no guided_json",
+    "no streaming (stream=true is answered 400), tools, logprobs, guided_json or LoRA models",
     "only data:image/...;base64 image URLs; http(s) URLs are refused instead of fetched",
-    "token counts are estimates: len(text)//4 + 256 per image",
-    "pydantic validation messages are abridged (one error per bad message, not a union dump)",
+    "token counts are estimates: len(text)//4 + 256 per image + 8 per message",
+    "validation messages are abridged: only messages/role and json_schema.name are checked, "
+    "one error per bad message instead of pydantic's whole union dump",
     "json_schema keywords pattern, format, multipleOf, uniqueItems are not honoured",
+    "/metrics has only the running/waiting/KV-cache gauges; X-Request-Id is ignored",
+    "/version reports a label for the imitated generation, not a real release",
 )
 # Per error shape: the vLLM generation it imitates (labels, not exact releases).
 _PROFILES = {
@@ -122,7 +125,8 @@ def _decode_data_url(url: str) -> bytes:
     if encoding != "base64":
         raise _Reject(400, "Only base64 data URLs are supported for now.", preprocessing=True)
     if not media_type.startswith("image/"):
-        raise _Reject(400, f"Unsupported media type for an image: {media_type!r}", preprocessing=True)
+        raise _Reject(400, f"Unsupported media type for an image: {media_type!r}",
+                      preprocessing=True)
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -228,7 +232,8 @@ def _generate(schema: Any, root: dict, name: str, digest: str, depth: int = 0) -
     if kind == "array":
         count = max(s.get("minItems") or 0, 1)
         count = min(count, s["maxItems"]) if isinstance(s.get("maxItems"), int) else count
-        return [_generate(s.get("items") or {}, root, name, digest, depth + 1) for _ in range(count)]
+        item = s.get("items") or {}
+        return [_generate(item, root, name, digest, depth + 1) for _ in range(count)]
     if kind in ("integer", "number"):
         return _number(s, kind, seed)
     if kind == "boolean":
@@ -269,7 +274,8 @@ def _pydantic_errors(body: Any) -> list[dict]:
         return [{"type": "model_attributes_type", "loc": ("body",), "input": body,
                  "msg": "Input should be a valid dictionary or object to extract fields from"}]
     if "messages" not in body:
-        return [{"type": "missing", "loc": ("body", "messages"), "msg": "Field required", "input": body}]
+        return [{"type": "missing", "loc": ("body", "messages"), "msg": "Field required",
+                 "input": body}]
     msgs, errors = body["messages"], []
     if not isinstance(msgs, list):
         return [{"type": "list_type", "loc": ("body", "messages"), "input": msgs,
@@ -284,10 +290,11 @@ def _pydantic_errors(body: Any) -> list[dict]:
         if isinstance(js, dict) and not isinstance(js.get("name"), str):
             # AnyResponseFormat is a union, so pydantic reports every member's failure.
             where = ("body", "response_format")
-            errors.append({"type": "missing", "loc": (*where, "ResponseFormat", "json_schema", "name"),
-                           "msg": "Field required", "input": js})
-            for member, fields in (("StructuralTagResponseFormat", ("format",)),
-                                   ("LegacyStructuralTagResponseFormat", ("structures", "triggers"))):
+            errors.append({"type": "missing", "msg": "Field required", "input": js,
+                           "loc": (*where, "ResponseFormat", "json_schema", "name")})
+            for member, fields in (
+                    ("StructuralTagResponseFormat", ("format",)),
+                    ("LegacyStructuralTagResponseFormat", ("structures", "triggers"))):
                 errors.append({"type": "literal_error", "loc": (*where, member, "type"),
                                "msg": "Input should be 'structural_tag'", "input": fmt["type"],
                                "ctx": {"expected": "'structural_tag'"}})
@@ -303,7 +310,7 @@ def _check_request(body: dict, model: str, max_images: int, max_model_len: int) 
     if body.get("stream"):
         raise _Reject(400, "The vLLM stand-in does not implement stream=true.", param="stream")
     fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and fmt.get("json_schema") is None:
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and not fmt.get("json_schema"):
         raise _Reject(400, "response_format of type json_schema needs a json_schema object.")
     urls = _image_urls(body)
     if len(urls) > max_images:
@@ -403,6 +410,15 @@ class VLLMStandIn:
             self._release_gen += 1  # also ends any "slow" sleeps
             self._cond.notify_all()
 
+    def reset(self) -> None:
+        """Clears faults, holds and the records, for a server shared between tests."""
+        self.set_fault(None)
+        self.release()
+        with self._cond:
+            self.requests.clear()
+            self.responses.clear()
+            self.max_in_flight = self._in_flight
+
     @property
     def in_flight(self) -> int:
         with self._cond:
@@ -421,7 +437,10 @@ class VLLMStandIn:
         except ValueError as exc:
             body, error = None, exc
         with self._cond:
-            self.requests.append(body if isinstance(body, dict) else {"_raw_body": raw.decode("utf-8", "replace")})
+            # A body that is not a JSON object is kept as text so requests/responses line up.
+            text = raw.decode("utf-8", "replace")
+            recorded = body if isinstance(body, dict) else {"_raw_body": text}
+            self.requests.append(recorded)
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
             self._waiting += 1
@@ -484,7 +503,8 @@ class VLLMStandIn:
     def _sleep_until_released(self, seconds: float) -> bool:
         with self._cond:
             gen = self._release_gen
-            self._cond.wait_for(lambda: self._release_gen != gen or self._stopping.is_set(), seconds)
+            self._cond.wait_for(
+                lambda: self._release_gen != gen or self._stopping.is_set(), seconds)
         return not self._stopping.is_set()
 
     def _completion(self, body: dict, content: str, finish: str) -> dict:
@@ -493,8 +513,9 @@ class VLLMStandIn:
         prompt, completion = _prompt_tokens(body), max(1, len(content) // 4)
         choices = []
         for i in range(n):
-            message = {"role": "assistant", "content": content, "refusal": None, "annotations": None,
-                       "audio": None, "function_call": None, "tool_calls": [], profile["reasoning"]: None}
+            message = {"role": "assistant", "content": content, "refusal": None,
+                       "annotations": None, "audio": None, "function_call": None,
+                       "tool_calls": [], profile["reasoning"]: None}
             choice = {"index": i, "message": message, "logprobs": None, "finish_reason": finish,
                       "stop_reason": None}
             choices.append({**choice, "token_ids": None} if profile["token_ids"] else choice)
@@ -531,16 +552,18 @@ class VLLMStandIn:
                       "allow_sampling": True, "allow_logprobs": True, "allow_search_indices": False,
                       "allow_view": True, "allow_fine_tuning": False, "organization": "*",
                       "group": None, "is_blocking": False}
-        card = {"id": self.model, "object": "model", "created": int(time.time()), "owned_by": "vllm",
-                "root": self.model, "parent": None, "max_model_len": self.max_model_len,
-                "permission": [permission]}
+        card = {"id": self.model, "object": "model", "created": int(time.time()),
+                "owned_by": "vllm", "root": self.model, "parent": None,
+                "max_model_len": self.max_model_len, "permission": [permission]}
         return {"object": "list", "data": [card]}
 
     def metrics_text(self) -> str:
         with self._cond:
             running, waiting = self._in_flight - self._waiting, self._waiting
-        values = [("vllm:num_requests_running", "Number of requests in model execution batches.", running),
-                  ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", waiting)]
+        values = [("vllm:num_requests_running", "Number of requests in model execution batches.",
+                   running),
+                  ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                   waiting)]
         values += [(name, "KV-cache usage. 1 means 100 percent usage.", min(1.0, 0.01 * running))
                    for name in _PROFILES[self.error_shape]["cache_metrics"]]
         labels = '{engine="0",model_name="%s"}' % self.model.replace('"', '\\"')
@@ -590,22 +613,22 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         standin, path = self.server.standin, self.path.split("?", 1)[0]
         if path == "/health":
-            self._send(200, b"", "application/json")
+            self._send(200, b"", None)  # vLLM: Response(status_code=200), no body
         elif path == "/version":
             self._json(200, {"version": _PROFILES[standin.error_shape]["version"]})
         elif path == "/v1/models":
             self._json(200, standin.models_body())
         elif path == "/metrics":
-            self._send(200, standin.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8")
+            self._send(200, standin.metrics_text().encode(),
+                       "text/plain; version=0.0.4; charset=utf-8")
         else:
-            self._json(405 if path == "/v1/chat/completions" else 404,
-                       {"detail": "Method Not Allowed" if path == "/v1/chat/completions" else "Not Found"})
+            self._unrouted(path == "/v1/chat/completions")
 
     def do_POST(self) -> None:
         raw = self._read_body()
-        if self.path.split("?", 1)[0] != "/v1/chat/completions":
-            known = self.path in ("/health", "/version", "/v1/models", "/metrics")
-            self._json(405 if known else 404, {"detail": "Method Not Allowed" if known else "Not Found"})
+        path = self.path.split("?", 1)[0]
+        if path != "/v1/chat/completions":
+            self._unrouted(path in ("/health", "/version", "/v1/models", "/metrics"))
             return
         answer = self.server.standin.handle_chat(raw)
         if answer is None:  # stopped mid-request: drop the connection like a dying server
@@ -613,24 +636,27 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._json(answer.status, answer.body)
 
+    def _unrouted(self, other_method_exists: bool) -> None:
+        # FastAPI's default answers for an unknown path or a wrong method.
+        if other_method_exists:
+            self._json(405, {"detail": "Method Not Allowed"})
+        else:
+            self._json(404, {"detail": "Not Found"})
+
     def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            chunks = []
-            while (size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)) > 0:
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                pass  # trailers
-            return b"".join(chunks)
+        # httpx and the OpenAI SDK always send Content-Length for JSON bodies.
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json")
+        # Compact and non-ASCII-preserving, like Starlette's JSONResponse.
+        payload = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+        self._send(status, payload, "application/json")
 
-    def _send(self, status: int, payload: bytes, content_type: str) -> None:
+    def _send(self, status: int, payload: bytes, content_type: str | None) -> None:
         try:
             self.send_response(status)
-            self.send_header("Content-Type", content_type)
+            if content_type:
+                self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)

@@ -1,0 +1,104 @@
+"""A job end to end on real Redis, real worker processes and the vLLM stand-in."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+from zroact_tasks.media.clips import keyframe_indices
+from zroact_tasks.testing.sample_media import square_bbox
+from zroact_tasks.testing.vllm_standin import expected_content
+
+from .helpers import decode_data_url, psnr, read_frames, validate_report
+
+PROMPT = "Is the red square really moving?"
+
+
+def _images(request: dict) -> list:
+    parts = request["messages"][0]["content"]
+    return [decode_data_url(p["image_url"]["url"]) for p in parts if p["type"] == "image_url"]
+
+
+def test_job_end_to_end(client, standin, assets):
+    first = len(standin.requests)
+    job = client.submit(assets["video"], prompt=PROMPT)
+    report = job.wait(timeout=180)
+    data = report.model_dump(mode="json")
+    validate_report(data)
+    assert report.status == "succeeded", data
+    assert (report.video.frames, report.video.width, report.video.height) == (419, 320, 240)
+
+    # Every keyframe ran Stage 1, and its top detection is the red square of that very frame.
+    assert [k.index for k in report.keyframes] == keyframe_indices(419, 10)
+    for kf in report.keyframes:
+        top = kf.detections[0]
+        assert (top.label, top.class_id) == ("red_action", 0) and top.score > 0.8
+        assert top.box == pytest.approx(square_bbox(kf.index, 320, 240, 40), abs=3)
+        assert kf.time_s == pytest.approx(kf.index / 30.0, abs=1e-3)
+
+    # 13 full slots of 3 consecutive keyframes; the trailing 2 get no Stage 2 request.
+    assert [s.keyframes for s in report.slots] == [keyframe_indices(419, 10)[3 * j: 3 * j + 3]
+                                                    for j in range(13)]
+    requests = standin.requests[first:]
+    assert len(requests) == 13
+    frames = read_frames(assets["video"], {i for s in report.slots for i in s.keyframes})
+    for slot in report.slots:
+        matching = [r for r in requests
+                    if all(psnr(img, frames[kf]) >= 30 for img, kf in zip(_images(r), slot.keyframes))]
+        assert len(matching) == 1, f"slot {slot.slot}: {len(matching)} requests carry its frames"
+        request = matching[0]
+        assert slot.verdict.model_dump() == json.loads(expected_content(request))
+        assert slot.error is None
+        content = request["messages"][0]["content"]
+        assert [p["type"] for p in content] == ["image_url"] * 3 + ["text"]
+        assert content[3]["text"].startswith(PROMPT)
+        assert f"frame {slot.keyframes[0]}" in content[3]["text"] and "red_action" in content[3]["text"]
+        assert request["response_format"]["json_schema"]["name"] == "verdict"
+        assert request["model"] == standin.model and request["max_tokens"] > 0
+    assert report.stage2.status == "done" and report.stage2.model == standin.model
+
+    status = job.status()
+    assert (status.state, status.stage1_done, status.stage1_total) == ("succeeded", 41, 41)
+    assert (status.stage2_done, status.stage2_total) == (13, 13)
+    # The job's frames are gone; its report stays, with an expiry.
+    r = redis.Redis.from_url(client.settings.redis_url)
+    assert not r.exists(f"zroact:job:{job.id}:frames")
+    assert 0 < r.ttl(f"zroact:job:{job.id}") <= client.settings.result_ttl_s
+
+
+def test_a_bad_vlm_answer_fails_only_its_slot(client, standin, assets):
+    standin.set_fault("garbage", count=1)
+    report = client.submit(assets["short_video"]).wait(timeout=120)  # 47 frames: 4 keyframes, 1 slot
+    validate_report(report.model_dump(mode="json"))
+    assert len(report.keyframes) == 4 and len(report.slots) == 1
+    assert report.status == "completed_with_errors"
+    assert "not JSON" in report.slots[0].error and report.slots[0].verdict is None
+
+
+def test_cancel_revokes_the_job_and_deletes_its_frames(client, standin, assets):
+    standin.hold()
+    first = len(standin.requests)
+    job = client.submit(assets["video"])
+    assert standin.wait_for_requests(first + 1, timeout=60)
+    assert job.cancel() is True
+    report = job.wait(timeout=60)
+    standin.release()
+    assert report.status == "cancelled"
+    validate_report(report.model_dump(mode="json"))
+    r = redis.Redis.from_url(client.settings.redis_url)
+    assert not r.exists(f"zroact:job:{job.id}:frames")
+    assert job.cancel() is False  # already ended
+    # The cluster still serves the next job.
+    assert client.submit(assets["short_video"]).wait(timeout=120).status == "succeeded"
+
+
+def test_bad_video_fails_the_job_with_the_reason(client, tmp_path):
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("this is not a video")
+    report = client.submit(bad).wait(timeout=60)
+    assert report.status == "failed"
+    assert report.error.type == "VideoDecodeError" and report.error.input_error
+    assert str(bad) in report.error.message
+    validate_report(report.model_dump(mode="json"))
