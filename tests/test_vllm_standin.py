@@ -287,6 +287,8 @@ def test_hold_release_and_in_flight(vllm, http):
         t.join(5)
     assert [status for status, _ in results] == [200, 200, 200]
     assert vllm.in_flight == 0 and vllm.max_in_flight == 3
+    vllm.reset()
+    assert (vllm.requests, vllm.responses, vllm.max_in_flight) == ([], [], 0)
 
 
 def test_latency_grows_with_concurrency():

@@ -8,13 +8,14 @@ and a latency model can be switched on from tests.
 
 Shapes were taken from the vllm-project/vllm sources:
 
-* ``error_shape="nested"`` (default) follows vLLM >= 0.10.1 (PR #22099 nested the error body)
-  as of early-2026 main: ``vllm/entrypoints/openai/engine/protocol.py`` (ErrorInfo,
-  ErrorResponse, ModelCard, ModelPermission, UsageInfo), ``.../chat_completion/protocol.py``
-  (ChatMessage with ``reasoning``, ChatCompletionResponse with ``prompt_token_ids``,
-  choice ``token_ids``), ``.../engine/serving.py`` (``create_error_response``,
-  ``_check_model``, ``_validate_input`` wording) and ``.../api_server.py`` (``/version``,
-  the RequestValidationError handler: type ``"Bad Request"``).
+* ``error_shape="nested"`` (default) follows vLLM 0.16 (errors nested since 0.10.1, PR
+  #22099; ``reasoning_content`` removed in 0.16, PR #33402), read from main of that time:
+  ``vllm/entrypoints/openai/engine/protocol.py`` (ErrorInfo, ErrorResponse, ModelCard,
+  ModelPermission, UsageInfo), ``.../chat_completion/protocol.py`` (ChatMessage with
+  ``reasoning``, ChatCompletionResponse with ``prompt_token_ids``, choice ``token_ids``),
+  ``.../engine/serving.py`` (``create_error_response``, ``_check_model``,
+  ``_validate_input`` wording) and ``.../api_server.py`` (``/version``, and the
+  RequestValidationError handler, whose errors are typed ``"Bad Request"``).
 * ``error_shape="flat"`` follows vLLM <= 0.10.0: ``{"object": "error", "message", ...}``,
   validation errors typed ``"BadRequestError"``, preprocessing errors formatted
   ``f"{e} {e.__cause__}"`` (hence the trailing `` None``), ``reasoning_content`` in messages.
@@ -37,6 +38,7 @@ import json
 import math
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -60,6 +62,8 @@ DIFFERENCES = (
     "json_schema keywords pattern, format, multipleOf, uniqueItems are not honoured",
     "/metrics has only the running/waiting/KV-cache gauges; X-Request-Id is ignored",
     "/version reports a label for the imitated generation, not a real release",
+    "vLLM 0.10.1-0.15 nest errors like 'nested' but name the message field reasoning_content "
+    "(0.11-0.15 send both); the two generations imitated are 0.16 and <=0.10.0",
 )
 # Per error shape: the vLLM generation it imitates (labels, not exact releases).
 _PROFILES = {
@@ -227,7 +231,9 @@ def _generate(schema: Any, root: dict, name: str, digest: str, depth: int = 0) -
         kind = next((k for k in kind if k != "null"), "null")
     kind = kind or ("object" if "properties" in s else "array" if "items" in s else "string")
     if kind == "object":
-        props = s.get("properties") or {}
+        props = dict(s.get("properties") or {})
+        for key in s.get("required") or []:
+            props.setdefault(key, {"type": "string"})  # required but undescribed
         return {k: _generate(v, root, k, digest, depth + 1) for k, v in props.items()}
     if kind == "array":
         count = max(s.get("minItems") or 0, 1)
@@ -305,7 +311,7 @@ def _pydantic_errors(body: Any) -> list[dict]:
 
 def _check_request(body: dict, model: str, max_images: int, max_model_len: int) -> None:
     """vLLM's checks after pydantic, in its order: model, stream, images, context length."""
-    if body.get("model") not in (None, model):
+    if body.get("model") and body["model"] != model:  # no model means the served one
         raise _Reject(404, f"The model `{body['model']}` does not exist.", "NotFoundError", "model")
     if body.get("stream"):
         raise _Reject(400, "The vLLM stand-in does not implement stream=true.", param="stream")
@@ -360,7 +366,6 @@ class VLLMStandIn:
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
-        self.created = int(time.time())
 
     # -- lifecycle
     def start(self) -> "VLLMStandIn":
@@ -580,6 +585,10 @@ class _Server(ThreadingHTTPServer):
         self.connections: set[socket.socket] = set()
         self.connections_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):  # a client hanging up is not news
+            super().handle_error(request, client_address)
 
     def close_connections(self) -> None:
         with self.connections_lock:

@@ -1,0 +1,111 @@
+"""The `zroact` command as a user runs it: exit codes, one-line errors, reports written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from zroact_tasks.testing.onnx_models import make_bad_models, write_labels
+
+from .helpers import validate_report
+
+
+def zroact(*args: str, env: dict[str, str] | None = None, timeout: float = 180):
+    return subprocess.run([sys.executable, "-m", "zroact_tasks.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def test_run_on_the_embedded_default(assets, standin, tmp_path):
+    out = tmp_path / "report.json"
+    res = zroact("run", assets["video"], "--model", assets["model"], "--labels", assets["labels"],
+                 "--vlm-url", standin.url, "--json", out)
+    assert res.returncode == 0, res.stderr
+    assert "succeeded" in res.stdout and "41 keyframes, 13 slots, 13 verdicts" in res.stdout
+    report = json.loads(out.read_text())
+    validate_report(report)
+    assert report["stage2"] == {"status": "done", "model": standin.model, "reason": None}
+
+
+def test_run_without_a_vlm_skips_stage2(assets, tmp_path):
+    out = tmp_path / "report.json"
+    res = zroact("run", assets["short_video"], "--model", assets["model_b1"], "--json", out)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    assert report["stage2"]["status"] == "skipped" and "no VLM URL" in report["stage2"]["reason"]
+    assert [s["verdict"] for s in report["slots"]] == [None]
+    assert report["keyframes"][0]["detections"][0]["label"] is None  # no labels file given
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "empty", "text"])
+def test_bad_video_is_exit_3_with_one_line(assets, tmp_path, case):
+    path = {"missing": tmp_path / "absent.mp4", "directory": tmp_path,
+            "empty": tmp_path / "empty.mp4", "text": tmp_path / "notes.mp4"}[case]
+    if case == "empty":
+        path.write_bytes(b"")
+    if case == "text":
+        path.write_text("not a video")
+    res = zroact("run", path, "--model", assets["model"])
+    assert res.returncode == 3, res.stderr
+    assert str(path) in last_line(res.stderr) and "Traceback" not in res.stderr
+
+
+def test_bad_model_and_labels_are_exit_3(assets, tmp_path):
+    bad = make_bad_models(tmp_path)
+    for model in (bad["not_onnx"], bad["wrong_input"], tmp_path / "absent.onnx"):
+        res = zroact("run", assets["short_video"], "--model", model)
+        assert res.returncode == 3 and str(model) in last_line(res.stderr), res.stderr
+    labels = write_labels(tmp_path / "two.txt", ["a", "b"])
+    res = zroact("run", assets["short_video"], "--model", assets["model"], "--labels", labels)
+    assert res.returncode == 3 and "2 labels, but the model has 3 classes" in last_line(res.stderr)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    res = zroact("--debug", "run", tmp_path / "absent.mp4", "--model", tmp_path / "m.onnx")
+    assert res.returncode == 3 and "Traceback" in res.stderr
+
+
+def test_usage_errors_are_exit_2(tmp_path):
+    assert zroact("run").returncode == 2
+    assert zroact("frobnicate").returncode == 2
+    res = zroact("worker", "stage2", "-c", "5")
+    assert res.returncode == 2 and "outside 2-3" in last_line(res.stderr)
+
+
+def test_stage1_worker_refuses_a_bad_model(tmp_path):
+    model = make_bad_models(tmp_path)["wrong_output"]
+    res = zroact("worker", "stage1", env={"ZROACT_MODEL": str(model)}, timeout=60)
+    assert res.returncode == 3 and "output must be [B,4+C,A]" in last_line(res.stderr)
+
+
+def test_submit_status_cancel_against_a_cluster(client, assets, tmp_path):
+    env = {"ZROACT_REDIS_URL": client.settings.redis_url}
+    out = tmp_path / "r.json"
+    res = zroact("submit", assets["short_video"], "--wait", "--json", out, env=env)
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.splitlines()[0]
+    assert json.loads(out.read_text())["job_id"] == job_id
+    status = json.loads(zroact("status", job_id, env=env).stdout)
+    assert status["state"] == "succeeded" and status["stage1_done"] == 4
+    res = zroact("cancel", job_id, env=env)
+    assert res.returncode == 0 and "already ended" in res.stdout
+    res = zroact("status", "nosuchjob", env=env)
+    assert res.returncode == 1 and "no job nosuchjob" in last_line(res.stderr)
+
+
+def test_submit_of_a_bad_video_is_exit_3_and_writes_the_report(client, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_text("garbage")
+    out = tmp_path / "r.json"
+    res = zroact("submit", bad, "--wait", "--json", out,
+                 env={"ZROACT_REDIS_URL": client.settings.redis_url})
+    assert res.returncode == 3 and str(bad) in last_line(res.stderr)
+    assert json.loads(out.read_text())["status"] == "failed"
