@@ -102,3 +102,26 @@ def test_bad_video_fails_the_job_with_the_reason(client, tmp_path):
     assert report.error.type == "VideoDecodeError" and report.error.input_error
     assert str(bad) in report.error.message
     validate_report(report.model_dump(mode="json"))
+
+
+def test_a_job_past_its_deadline_ends_failed_with_the_stage(redis_server, standin, assets, tmp_path):
+    """A cluster with a 3 s deadline and a VLM that never answers: the job ends, it never hangs."""
+    from .conftest import start_cluster
+
+    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url,
+           "ZROACT_JOB_DEADLINE_S": "3", "ZROACT_VLM_TIMEOUT_S": "60"}
+    # Its own Redis database, so these workers do not take the session cluster's tasks.
+    url = redis_server.url.rsplit("/", 1)[0] + "/5"
+    cluster, client = start_cluster(url, env, tmp_path)
+    try:
+        standin.set_fault("slow")
+        client.settings = client.settings.model_copy(update={"job_deadline_s": 3.0})
+        report = client.submit(assets["short_video"]).wait(timeout=60)
+        assert report.status == "failed"
+        assert report.error.type == "JobDeadlineError"
+        assert report.error.message == "timed out at stage 2 after 3 s"
+        validate_report(report.model_dump(mode="json"))
+    finally:
+        standin.release()
+        cluster.stop()
+        client.close()

@@ -48,7 +48,7 @@ class Client:
             clip_length=s.clip_length, slot_size=s.slot_size, score_threshold=s.score_threshold,
             nms_iou=s.nms_iou, max_detections=s.max_detections, submitted_at=time.time(),
         )
-        self.jobs.create(spec)
+        self.jobs.create(spec, s.job_deadline_s)
         self.app.send_task(pipeline.INGEST, args=(spec.model_dump(mode="json"),),
                            task_id=pipeline.ingest_id(spec.job_id))
         return Job(self, spec.job_id)

@@ -49,6 +49,10 @@ return 0
 """
 
 
+DEADLINES = "zroact:deadlines"
+"""Sorted set of unfinished jobs, scored by the time they must have ended."""
+
+
 def _key(job_id: str, part: str = "") -> str:
     return f"zroact:job:{job_id}" + (f":{part}" if part else "")
 
@@ -69,12 +73,23 @@ class JobStore:
         self._check = self.r.register_script(_CHECK_BARRIER)
 
     # --- job meta -------------------------------------------------------------------------
-    def create(self, spec: JobSpec) -> None:
+    def create(self, spec: JobSpec, deadline_s: float) -> None:
         key = _key(spec.job_id)
         pipe = self.r.pipeline()
         pipe.hset(key, mapping={"spec": spec.model_dump_json(), "state": "queued"})
         pipe.expire(key, self.ttl_s)
+        pipe.zadd(DEADLINES, {spec.job_id: spec.submitted_at + deadline_s})
         pipe.execute()
+
+    def overdue(self, now: float) -> list[str]:
+        return self.r.zrangebyscore(DEADLINES, "-inf", now)
+
+    def stage_of(self, job_id: str) -> str:
+        """Where an unfinished job is: ``ingest``, ``stage 1`` or ``stage 2``."""
+        meta = self.r.hmget(_key(job_id), ["groups_total", "keyframes_total"])
+        if meta[0] is None:
+            return "ingest"
+        return "stage 1" if self.r.hlen(_key(job_id, "kf")) < int(meta[1] or 0) else "stage 2"
 
     def spec(self, job_id: str) -> JobSpec:
         raw = self.r.hget(_key(job_id), "spec")
@@ -146,6 +161,7 @@ class JobStore:
         pipe = self.r.pipeline()
         pipe.hset(_key(job_id), mapping={"report": report_json, "state": state,
                                           "ended_at": time.time()})
+        pipe.zrem(DEADLINES, job_id)
         # The report outlives the job's working records only as long as the result TTL.
         for part in ("", "kf", "groups", "groups_done", "done"):
             pipe.expire(_key(job_id, part), self.ttl_s)

@@ -11,6 +11,7 @@ from ..app import app
 from ..config import get_settings
 from ..errors import InputError
 from ..models import JobError, JobSpec
+from . import deadlines  # noqa: F401  (connects the deadline sweeper to control workers)
 from .ingest import ingest
 from .report import build_report
 

@@ -1,0 +1,68 @@
+"""Job deadlines: a job still running after ``JOB_DEADLINE_S`` ends ``failed``.
+
+Each control worker's main process runs a sweeper thread (several control workers may sweep the
+same job: ``close_barrier`` lets exactly one of them end it). A periodic sweep instead of a
+countdown task on purpose: on Redis a countdown longer than the visibility timeout is delivered
+twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from celery.signals import worker_ready, worker_shutdown
+
+from .. import pipeline, resources
+from ..config import get_settings
+from ..errors import ZroactError
+from ..models import JobError
+
+log = logging.getLogger(__name__)
+
+_stop = threading.Event()
+
+
+class JobDeadlineError(ZroactError):
+    """The job did not end within ``JOB_DEADLINE_S``."""
+
+
+def sweep(app, now: float | None = None) -> list[str]:
+    """End every overdue job; returns the ids this call ended."""
+    jobs, ended = resources.jobs(), []
+    for job_id in jobs.overdue(time.time() if now is None else now):
+        stage = jobs.stage_of(job_id)
+        error = JobError(type="JobDeadlineError", message=f"timed out at {stage} after "
+                                                           f"{get_settings().job_deadline_s:g} s")
+        if jobs.close_barrier(job_id):
+            jobs.update(job_id, error=error.model_dump_json())
+            jobs.request_abort(job_id, "failed")
+            pipeline.send_finalize(app, job_id)
+            ended.append(job_id)
+            log.warning("job %s %s", job_id, error.message)
+    return ended
+
+
+def _loop(app, interval: float) -> None:
+    while not _stop.wait(interval):
+        try:
+            sweep(app)
+        except Exception:  # a Redis outage must not kill the sweeper; the next round retries
+            log.exception("deadline sweep failed")
+
+
+@worker_ready.connect
+def _start(sender=None, **_: object) -> None:
+    consumer = getattr(sender, "task_consumer", None)
+    queues = {q.name for q in consumer.queues} if consumer is not None else set()
+    if "control" not in queues:
+        return
+    interval = min(5.0, max(0.2, get_settings().job_deadline_s / 20))
+    threading.Thread(target=_loop, args=(sender.app, interval), name="zroact-deadlines",
+                     daemon=True).start()
+
+
+@worker_shutdown.connect
+def _halt(**_: object) -> None:
+    _stop.set()
