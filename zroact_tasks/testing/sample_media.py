@@ -184,6 +184,7 @@ def make_video(
     side: int = SAMPLE_SIDE,
     colour: str | Sequence[int] = "red",
     label: bool = True,
+    fourcc: str = "mp4v",
 ) -> Path:
     """Write an mp4 (fourcc ``mp4v``) of a pure-colour square moving over a dark background.
 
@@ -200,9 +201,9 @@ def make_video(
     bgr = _colour_bgr(colour)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (int(width), int(height)))
+    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*fourcc), float(fps), (int(width), int(height)))
     if not writer.isOpened():
-        raise VideoVerificationError(f"cv2.VideoWriter could not open {out} (mp4v, {width}x{height} @ {fps})")
+        raise VideoVerificationError(f"cv2.VideoWriter could not open {out} ({fourcc}, {width}x{height} @ {fps})")
     try:
         bg = _background(width, height)
         for i in range(frames):
@@ -265,6 +266,17 @@ def make_bad_videos(directory: str | Path) -> dict[str, Path]:
     out["truncated"] = truncated
 
     out["short"] = make_video(d / "short.mp4", frames=5)
+
+    # MJPG in AVI keeps its frame count in the header and needs no index to decode, so a cut
+    # file decodes a prefix (100 frames cut to 40 % -> 36 frames here): a partial decode.
+    avi = make_video(d / "_full.avi", frames=100, fourcc="MJPG")
+    data = avi.read_bytes()
+    avi.unlink()
+    out["partial"] = d / "partial.avi"
+    out["partial"].write_bytes(data[: int(len(data) * 0.4)])
+    # Cut to 3 %: the header opens, but not one frame decodes.
+    out["no_frames"] = d / "no_frames.avi"
+    out["no_frames"].write_bytes(data[: int(len(data) * 0.03)])
     return out
 
 
