@@ -318,7 +318,7 @@ def test_make_video_verifies_frame_count(tmp_path, monkeypatch):
 
 def test_bad_videos(tmp_path):
     bad = make_bad_videos(tmp_path)
-    assert set(bad) == {"empty", "text", "truncated", "short"}
+    assert set(bad) == {"empty", "text", "truncated", "short", "partial", "no_frames"}
     assert bad["empty"].stat().st_size == 0
     for kind in ("empty", "text", "truncated"):
         cap = cv2.VideoCapture(str(bad[kind]))
@@ -326,6 +326,8 @@ def test_bad_videos(tmp_path):
         cap.release()
         assert count_frames(bad[kind]) == 0
     assert count_frames(bad["short"]) == 5
+    assert 0 < count_frames(bad["partial"]) < 100
+    assert count_frames(bad["no_frames"]) == 0
     assert not (tmp_path / "_full_for_truncation.mp4").exists()
 
 
