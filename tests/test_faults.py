@@ -1,0 +1,75 @@
+"""Faults with a job in flight: failing slots, cancellation beside other jobs, load and key hygiene."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from zroact_tasks.media.store import frames_key
+
+from .conftest import start_cluster
+from .helpers import validate_report
+
+
+def test_a_stage1_failure_fails_only_its_slot(redis_server, standin, assets, tmp_path):
+    """A frame gone from the store before Stage 1 reads it: that slot errs, the rest goes on."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/3"
+    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url}
+    cluster, client = start_cluster(url, env, tmp_path)  # no Stage 1 worker yet: start() below
+    try:
+        stage1 = [w for w in cluster.workers if w.role == "stage1"][0]
+        stage1.stop()
+        cluster.workers.remove(stage1)
+        job = client.submit(assets["video"])
+        deadline = time.monotonic() + 60
+        while job.status().stage1_total == 0 and time.monotonic() < deadline:  # ingest done
+            time.sleep(0.05)
+        r = redis.Redis.from_url(url)
+        assert r.hdel(frames_key(job.id), "21") == 1  # only in the clip of keyframe 29 (slot 0)
+        cluster.wait_ready(client.app, workers=[cluster.add_worker("stage1")])
+        report = job.wait(timeout=120)
+        validate_report(report.model_dump(mode="json"))
+        assert report.status == "completed_with_errors"
+        assert report.slots[0].verdict is None
+        assert "stage 1 failed on frame 29" in report.slots[0].error and "[21]" in report.slots[0].error
+        assert all(s.verdict is not None and s.error is None for s in report.slots[1:])
+        assert [k.index for k in report.keyframes if k.error] == [29]
+    finally:
+        cluster.stop()
+        client.close()
+
+
+def test_cancel_leaves_other_jobs_alone(client, standin, assets):
+    standin.hold()
+    other = client.submit(assets["short_video"])
+    victim = client.submit(assets["video"])
+    assert standin.wait_for_requests(len(standin.requests) + 1, timeout=60)
+    assert victim.cancel()
+    standin.release()
+    assert victim.wait(timeout=60).status == "cancelled"
+    report = other.wait(timeout=120)
+    assert report.status == "succeeded" and report.slots[0].verdict is not None
+
+
+def test_twenty_jobs_at_once_complete_and_leave_no_key_without_ttl(redis_server, standin, assets,
+                                                                    tmp_path):
+    url = redis_server.url.rsplit("/", 1)[0] + "/4"
+    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url}
+    cluster, client = start_cluster(url, env, tmp_path)
+    try:
+        jobs = [client.submit(assets["short_video"]) for _ in range(20)]
+        reports = [job.wait(timeout=300) for job in jobs]
+        assert [r.status for r in reports] == ["succeeded"] * 20
+        assert len({r.job_id for r in reports}) == 20
+        r = redis.Redis.from_url(url)
+        for job in jobs:
+            assert not r.exists(frames_key(job.id))
+        # Every key left carries a TTL: reports, job records, Celery's task metas, chord keys.
+        # (kombu's own bindings and the unacked bookkeeping are the broker's, not a job's.)
+        broker = (b"_kombu.binding", b"unacked", b"zroact:deadlines")
+        no_ttl = [k for k in r.scan_iter() if r.ttl(k) == -1 and not k.startswith(broker)]
+        assert no_ttl == []
+    finally:
+        cluster.stop()
+        client.close()
