@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -37,13 +38,11 @@ class Setup:
 
 
 def _env(model: Path, lock: Path, scale: float, stage1_log: Path, batch: int) -> dict[str, str]:
+    options = {"gpu_lock": str(lock), "per_clip_s": SEED_STAGE1_S * scale, "log_file": str(stage1_log)}
     return {
-        "PYTHONPATH": str(ROOT),
         "ZROACT_MODEL": str(model),
-        "ZROACT_DETECTOR": "bench.simgpu:SimulatedGPUDetector",
-        "ZROACT_BENCH_GPU_LOCK": str(lock),
-        "ZROACT_BENCH_STAGE1_PER_CLIP_S": str(SEED_STAGE1_S * scale),
-        "ZROACT_BENCH_STAGE1_LOG": str(stage1_log),
+        "ZROACT_DETECTOR": "zroact_tasks.testing.simgpu:SimulatedGPUDetector",
+        "ZROACT_DETECTOR_OPTIONS": json.dumps(options),
         "ZROACT_STAGE1_BATCH": str(batch),
         "ZROACT_VLM_MAX_RETRIES": "0",
     }

@@ -8,6 +8,7 @@ through the environment their supervisor gives them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,6 +56,8 @@ class Settings(BaseSettings):
     """Detections kept per keyframe after NMS."""
     detector: str = "onnx"
     """Stage 1 runtime: ``onnx`` or ``package.module:Class`` (see stage1/detector.py)."""
+    detector_options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for a ``package.module:Class`` detector (JSON), e.g. an engine path."""
     preload_detector: bool = False
     """Load the Stage 1 model as each worker process starts (``zroact worker stage1`` sets it)."""
     stage1_batch: int = Field(1, ge=1)

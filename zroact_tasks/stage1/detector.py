@@ -3,7 +3,7 @@
 A detector takes a batch of preprocessed clips ``[B, 3, T, H, W]`` and returns the raw YOWOv3
 head ``[B, 4 + C, A]``. ``ZROACT_DETECTOR`` picks the implementation: ``onnx`` (default) or
 ``package.module:Class`` for another runtime (TensorRT, a remote server, ...), constructed as
-``Class(settings)``.
+``Class(settings, **settings.detector_options)``.
 """
 
 from __future__ import annotations
@@ -113,7 +113,10 @@ def load_detector(settings: Settings) -> Detector:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as exc:
         raise ModelError(settings.detector, f"cannot import detector class: {exc}") from exc
-    return cls(settings)
+    try:
+        return cls(settings, **settings.detector_options)
+    except TypeError as exc:
+        raise ModelError(settings.detector, f"bad ZROACT_DETECTOR_OPTIONS: {exc}") from exc
 
 
 def check_model(settings: Settings) -> str:

@@ -8,7 +8,6 @@ import time
 from functools import cache
 
 import cv2
-import numpy as np
 
 from .. import pipeline, resources
 from ..app import app

@@ -1,0 +1,1 @@
+"""The zroact benchmark: simulated GPUs, the zero-overhead bound, and the seed pipeline."""

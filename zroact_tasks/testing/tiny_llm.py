@@ -1,0 +1,262 @@
+"""A real vLLM server on the CPU, for the contract tests that hold the stand-in to it.
+
+Two parts:
+
+* :func:`build_tiny_model` writes a tiny *randomly initialised* Qwen2 causal LM and a tokenizer
+  with a chat template into a directory, all built locally (no hub download). Its answers are
+  noise, but vLLM's guided decoding forces even noise into a JSON Schema, and every protocol
+  path (validation, errors, finish reasons, timeouts) is vLLM's own. It needs ``transformers``
+  and ``torch``, so it runs in the vLLM venv (``scripts/install-vllm-cpu.sh``):
+  ``VENV/bin/python -m zroact_tasks.testing.tiny_llm build DIR``.
+* :class:`RealVLLMServer` starts ``vllm.entrypoints.openai.api_server`` from that venv's python
+  as a subprocess on a free port, waits for ``/health`` and stops it. It uses only the stdlib,
+  so the test process (the main venv, without torch) can import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+__all__ = ["build_tiny_model", "RealVLLMServer", "TINY_MODEL_NAME"]
+
+TINY_MODEL_NAME = "zroact/tiny-random-qwen2"
+
+# ChatML, like Qwen's. It walks list content itself so OpenAI-style "parts" messages work too.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for p in m['content'] %}{% if p['type'] == 'text' %}{{ p['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# A few strings to learn merges from; the byte alphabet covers everything else.
+_CORPUS = [
+    '{"action": "walking", "confirmed": true, "confidence": 0.85, "reason": "A person walks."}',
+    '{"action": "none", "confirmed": false, "confidence": 0.1, "reason": "Nothing happens."}',
+    "Does the detector's top detection really happen in these three frames? Answer in JSON.",
+    "You are a careful video analyst. The frames show a red square moving over a dark background.",
+]
+
+
+def build_tiny_model(out_dir: str | os.PathLike[str], *, seed: int = 0) -> Path:
+    """Writes a tiny random Qwen2 model + tokenizer to ``out_dir`` and returns its path.
+
+    About 1 MB. head_dim 64 because vLLM's CPU attention kernels take only the usual sizes."""
+    # Imported here: this module must stay importable without torch/transformers.
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Byte-level BPE (transformers loads it as Qwen2Tokenizer anyway, because of model_type
+    # qwen2), but with only printable ASCII and "\n" as bytes. xgrammar 0.2.8 compiles a string
+    # with maxLength (the verdict's action and reason) to [^"\\\r\n]{0,N}, which admits control
+    # characters that JSON forbids unescaped; with all 256 bytes in the vocabulary the random
+    # model emits them and json.loads rejects every answer. "\n" is safe: that rule excludes it.
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    printable = "".join(chr(c) for c in range(0x20, 0x7F)) + "\n"
+    alphabet = list(byte_level.pre_tokenize_str(printable)[0][0])  # as byte-level characters
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet),
+                                  show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                     pad_token="<|endoftext|>")
+    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.save_pretrained(out)
+
+    torch.manual_seed(seed)
+    eos = hf_tok.convert_tokens_to_ids("<|im_end|>")
+    config = Qwen2Config(
+        vocab_size=len(hf_tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+        max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=hf_tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=eos,
+        pad_token_id=hf_tok.pad_token_id, torch_dtype="float32",
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------- server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    """All descendants of ``pid`` (vLLM runs its engine core in a child process)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class RealVLLMServer:
+    """``python -m vllm.entrypoints.openai.api_server`` from ``python`` (the vLLM venv).
+
+    ``vllm serve`` is not used: its entry point is broken in vllm-cpu 0.32. The log goes to
+    ``log_path``; a failed start raises RuntimeError with the log's tail."""
+
+    def __init__(self, python: str | os.PathLike[str], model_dir: str | os.PathLike[str], *,
+                 served_model_name: str = TINY_MODEL_NAME, log_path: str | os.PathLike[str],
+                 max_model_len: int = 2048, extra_args: tuple[str, ...] = (),
+                 start_timeout_s: float = 600.0) -> None:
+        self.python, self.model_dir = str(python), str(model_dir)
+        self.model, self.log_path = served_model_name, Path(log_path)
+        self.max_model_len, self.extra_args = max_model_len, extra_args
+        self.start_timeout_s = start_timeout_s
+        self.port = 0
+        self.url = ""
+        self.start_s: float | None = None  # seconds from spawn to a 200 on /health
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "RealVLLMServer":
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", self.model_dir, "--served-model-name", self.model,
+               "--host", "127.0.0.1", "--port", str(self.port),
+               "--max-model-len", str(self.max_model_len), "--dtype", "float32",
+               *self.extra_args]
+        env = {**os.environ,
+               "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; the default would take 4+
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",  # never reach for a hub
+               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+               "PYTHONUNBUFFERED": "1"}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            # Own session, so stop() can signal the api server and its engine core together.
+            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                          stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self._wait_healthy(t0)
+        except BaseException:
+            self.stop()
+            raise
+        self.start_s = time.monotonic() - t0
+        return self
+
+    def _wait_healthy(self, t0: float) -> None:
+        assert self._proc is not None
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise RuntimeError(f"vLLM server exited with code {code} before /health answered."
+                                   f"\n--- {self.log_path} (tail) ---\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass  # not listening yet, or still loading (503)
+            if time.monotonic() - t0 > self.start_timeout_s:
+                raise RuntimeError(f"vLLM server not healthy after {self.start_timeout_s:.0f} s."
+                                   f"\n--- {self.log_path} (tail) ---\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server process and all its descendants."""
+        if self._proc is None or self._proc.poll() is not None:
+            return 0
+        return sum(_rss_bytes(p) for p in [self._proc.pid, *_children(self._proc.pid)])
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the group is ours: start_new_session above
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> "RealVLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="tiny random LLM for a real vLLM on the CPU")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    build = sub.add_parser("build", help="write the tiny model + tokenizer to DIR")
+    build.add_argument("dir")
+    serve = sub.add_parser("serve", help="build (if needed) and serve it until Ctrl-C")
+    serve.add_argument("dir")
+    serve.add_argument("--name", default=TINY_MODEL_NAME)
+    args = parser.parse_args(argv)
+    if args.cmd == "build":
+        print(build_tiny_model(args.dir))
+        return 0
+    if not (Path(args.dir) / "config.json").exists():
+        build_tiny_model(args.dir)
+    server = RealVLLMServer(sys.executable, args.dir, served_model_name=args.name,
+                            log_path=Path(args.dir) / "server.log").start()
+    print(json.dumps({"url": server.url, "model": server.model,
+                      "start_s": round(server.start_s or 0, 1),
+                      "rss_mb": server.rss_bytes() // 2**20}), flush=True)
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # sigwait needs them blocked
+    try:
+        signal.sigwait(stop_signals)
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
