@@ -16,11 +16,10 @@ def test_a_stage1_failure_fails_only_its_slot(redis_server, standin, assets, tmp
     """A frame gone from the store before Stage 1 reads it: that slot errs, the rest goes on."""
     url = redis_server.url.rsplit("/", 1)[0] + "/3"
     env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url}
-    cluster, client = start_cluster(url, env, tmp_path)  # no Stage 1 worker yet: start() below
+    cluster, client = start_cluster(url, env, tmp_path)
     try:
         stage1 = [w for w in cluster.workers if w.role == "stage1"][0]
-        stage1.stop()
-        cluster.workers.remove(stage1)
+        cluster.remove_worker(stage1)
         job = client.submit(assets["video"])
         deadline = time.monotonic() + 60
         while job.status().stage1_total == 0 and time.monotonic() < deadline:  # ingest done

@@ -168,6 +168,11 @@ class LocalCluster:
         self.workers.append(worker)
         return worker
 
+    def remove_worker(self, worker: WorkerProcess) -> None:
+        """Stop a worker for good (the supervisor no longer restarts it)."""
+        self.workers.remove(worker)
+        worker.stop()
+
     def start(self, roles: tuple[str, ...] = ROLES) -> LocalCluster:
         for role in roles:
             self.add_worker(role)
