@@ -1,0 +1,135 @@
+"""Workers killed with SIGKILL mid-job: nothing lost, nothing duplicated."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis
+
+from zroact_tasks.testing.taskevents import EventRecorder
+
+from .conftest import start_cluster
+from .helpers import validate_report
+
+VISIBILITY_TIMEOUT_S = 10
+
+
+def pool_children(pid: int) -> list[int]:
+    """The worker's prefork pool processes (same command line; not e.g. a resource tracker)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    kids = [int(p) for p in path.read_text().split()] if path.exists() else []
+    return [k for k in kids if Path(f"/proc/{k}/cmdline").exists()
+            and Path(f"/proc/{k}/cmdline").read_bytes() == cmdline]
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def slow_cluster(redis_server, standin, assets, tmp_path, request):
+    """A cluster on its own database whose Stage 1 takes 0.4 s a clip (a simulated GPU)."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/8"
+    redis.Redis.from_url(url).flushdb()  # nothing left over from an earlier test's cluster
+    options = {"gpu_lock": str(tmp_path / "gpu.lock"), "per_clip_s": 0.4}
+    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url,
+           "ZROACT_DETECTOR": "zroact_tasks.testing.simgpu:SimulatedGPUDetector",
+           "ZROACT_DETECTOR_OPTIONS": json.dumps(options),
+           "ZROACT_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S), "ZROACT_VLM_TIMEOUT_S": "30"}
+    cluster, client = start_cluster(url, env, tmp_path / "logs")
+    yield cluster, client
+    cluster.stop()
+    client.close()
+
+
+def role(cluster, name):
+    return [w for w in cluster.workers if w.role == name][0]
+
+
+def assert_complete_once(report, recorder, n_slots: int) -> None:
+    validate_report(report.model_dump(mode="json"))
+    assert report.status == "succeeded", report.model_dump()
+    assert len({k.index for k in report.keyframes}) == len(report.keyframes)
+    assert all(k.error is None and k.detections for k in report.keyframes)
+    assert len(report.slots) == n_slots and all(s.verdict is not None for s in report.slots)
+    started = Counter(t.id for t in recorder.log.tasks.values()
+                      if t.name == "zroact.control.slot_ready" and t.started)
+    assert started and set(started.values()) == {1}, started  # each chord body ran once
+
+
+def test_sigkill_of_a_stage1_pool_child_mid_task(slow_cluster, assets):
+    cluster, client = slow_cluster
+    stage1 = role(cluster, "stage1")
+    with EventRecorder(client.app) as recorder:
+        job = client.submit(assets["short_video"])  # 4 clips of 0.4 s, 1 slot
+        wait_until(lambda: job.status().stage1_done >= 1, 60, "the first clip")
+        (child,) = pool_children(stage1.proc.pid)
+        time.sleep(0.1)  # the child is inside its next 0.4 s clip
+        os.kill(child, signal.SIGKILL)
+        report = job.wait(timeout=120)
+        time.sleep(0.3)
+    assert_complete_once(report, recorder, 1)
+    assert stage1.alive and pool_children(stage1.proc.pid) != [child]  # a new pool child
+    runs = Counter(t.id for t in recorder.log.tasks.values() if t.name == "zroact.stage1.detect_clips")
+    assert len(runs) == 4
+
+
+def test_sigkill_of_stage2_pool_children_mid_request(slow_cluster, standin, assets):
+    cluster, client = slow_cluster
+    stage2 = role(cluster, "stage2")
+    standin.hold()
+    first = len(standin.requests)
+    with EventRecorder(client.app) as recorder:
+        job = client.submit(assets["short_video"])
+        assert standin.wait_for_requests(first + 1, timeout=60)  # the request is in flight
+        for child in pool_children(stage2.proc.pid):
+            os.kill(child, signal.SIGKILL)
+        time.sleep(0.5)
+        standin.release()
+        report = job.wait(timeout=120)
+        time.sleep(0.3)
+    assert_complete_once(report, recorder, 1)
+    judged = Counter(t.id for t in recorder.log.tasks.values() if t.name == "zroact.stage2.judge_slot")
+    assert list(judged.values()) == [1]  # the killed run never reported; the rerun did
+    assert len(standin.requests) - first == 2  # the killed request was made again, once
+
+
+def test_sigkill_of_a_whole_worker_redelivers_after_the_visibility_timeout(slow_cluster, assets):
+    cluster, client = slow_cluster
+    stage1 = role(cluster, "stage1")
+    with EventRecorder(client.app) as recorder:
+        job = client.submit(assets["short_video"])
+        wait_until(lambda: job.status().stage1_done >= 1, 60, "the first clip")
+        time.sleep(0.1)
+        cluster.workers.remove(stage1)  # no supervisor restart: we start a new one ourselves
+        stage1.signal(signal.SIGKILL)  # parent and pool child: the running task stays unacked
+        killed_at = time.time()
+        with recorder.log.lock:
+            in_flight = [t.id for t in recorder.log.tasks.values()
+                         if t.hostname == stage1.name and t.started and not t.ended]
+        stage1.proc.wait()
+        replacement = cluster.add_worker("stage1")
+        cluster.wait_ready(client.app, workers=[replacement])
+        report = job.wait(timeout=VISIBILITY_TIMEOUT_S + 60)
+        time.sleep(0.3)
+    assert_complete_once(report, recorder, 1)
+    assert len(in_flight) == 1
+    rerun = recorder.log.tasks[in_flight[0]]
+    assert rerun.hostname == replacement.name and rerun.ended
+    waited = rerun.started - killed_at
+    print(f"redelivery after whole-worker SIGKILL: {waited:.1f} s")
+    # The unacked task comes back once it is older than the visibility timeout, at the next
+    # 1 s restore scan: generous bound for a loaded machine.
+    assert VISIBILITY_TIMEOUT_S - 1 < waited
+    assert waited < VISIBILITY_TIMEOUT_S + 15
