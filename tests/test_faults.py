@@ -104,3 +104,27 @@ def test_redis_restarted_mid_job_with_aof(standin, assets, tmp_path):
         cluster.stop()
         client.close()
         server.stop()
+
+
+def test_vlm_down_with_default_retries_ends_the_job_with_errors(redis_server, assets, tmp_path):
+    """Connection refused on every try: retried with backoff, then the slot carries the error."""
+    from zroact_tasks.local import free_port
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/6"
+    down = f"http://127.0.0.1:{free_port()}"
+    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": down,
+           "ZROACT_VLM_MODEL": "Qwen/Qwen2.5-VL-3B-Instruct"}  # default retries and backoff
+    cluster, client = start_cluster(url, env, tmp_path)
+    try:
+        started = time.monotonic()
+        report = client.submit(assets["short_video"]).wait(timeout=120)
+        took = time.monotonic() - started
+        validate_report(report.model_dump(mode="json"))
+        assert report.status == "completed_with_errors"
+        assert report.slots[0].error.startswith(f"VLM at {down} unreachable")
+        assert all(k.detections for k in report.keyframes)  # Stage 1 results are kept
+        print(f"job with the VLM down ended in {took:.1f} s")
+        assert took < 120
+    finally:
+        cluster.stop()
+        client.close()
