@@ -109,3 +109,9 @@ def test_submit_of_a_bad_video_is_exit_3_and_writes_the_report(client, tmp_path)
                  env={"ZROACT_REDIS_URL": client.settings.redis_url})
     assert res.returncode == 3 and str(bad) in last_line(res.stderr)
     assert json.loads(out.read_text())["status"] == "failed"
+
+
+def test_a_prompt_over_the_limit_is_exit_3(assets):
+    res = zroact("run", assets["short_video"], "--model", assets["model"], "--prompt", "x" * 50,
+                 env={"ZROACT_MAX_PROMPT_CHARS": "10"})
+    assert res.returncode == 3 and "50 characters is over MAX_PROMPT_CHARS 10" in last_line(res.stderr)

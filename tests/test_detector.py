@@ -39,3 +39,8 @@ def test_missing_model(tmp_path):
 def test_label_count_must_match_classes(tmp_path):
     with pytest.raises(LabelsError, match="2 labels, but the model has 3 classes"):
         OnnxDetector(make_yowo_model(tmp_path / "m.onnx"), write_labels(tmp_path / "l.txt", ["a", "b"]))
+
+
+def test_clip_length_must_match_the_model(tmp_path):
+    with pytest.raises(ModelError, match="the model takes 16-frame clips, ZROACT_CLIP_LENGTH is 8"):
+        OnnxDetector(make_yowo_model(tmp_path / "m.onnx"), clip_length=8)

@@ -133,3 +133,24 @@ def test_sigkill_of_a_whole_worker_redelivers_after_the_visibility_timeout(slow_
     # 1 s restore scan: generous bound for a loaded machine.
     assert VISIBILITY_TIMEOUT_S - 1 < waited
     assert waited < VISIBILITY_TIMEOUT_S + 15
+
+
+def test_a_task_that_kills_every_worker_is_not_requeued_forever(redis_server, assets, tmp_path):
+    from zroact_tasks.testing.sample_media import make_video
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/9"
+    redis.Redis.from_url(url).flushdb()
+    env = {"ZROACT_MODEL": str(assets["model"]),
+           "ZROACT_DETECTOR": "zroact_tasks.testing.crashing:CrashingDetector"}
+    cluster, client = start_cluster(url, env, tmp_path / "logs")
+    try:
+        video = make_video(tmp_path / "one.mp4", frames=12)  # one keyframe
+        report = client.submit(video).wait(timeout=120)
+        validate_report(report.model_dump(mode="json"))
+        assert report.status == "completed_with_errors"
+        (kf,) = report.keyframes
+        assert kf.error.endswith("killed its worker on 3 deliveries; not run again")
+        assert role(cluster, "stage1").alive  # the worker's pool replaced each dead child
+    finally:
+        cluster.stop()
+        client.close()

@@ -111,6 +111,9 @@ def run(video: Path, model: Path | None, labels: Path | None, vlm_url: str | Non
 
     settings = _settings(model=model, labels=labels, vlm_url=vlm_url, vlm_model=vlm_model,
                          prompt=prompt)
+    from .client import check_prompt
+
+    check_prompt(settings.prompt, settings.max_prompt_chars)
     path = resolve_video_path(video, settings.media_root)
     probe(path, max_pixels=settings.max_pixels, max_frames=settings.max_frames,
           max_duration_s=settings.max_duration_s)

@@ -18,6 +18,15 @@ from .media.clips import keyframe_indices
 from .models import FINAL_STATES, JobReport, JobSpec, JobStatus
 
 
+def check_prompt(prompt: str, max_chars: int) -> str:
+    """The prompt, if usable; PromptError otherwise."""
+    if not prompt.strip():
+        raise PromptError("prompt", "is empty")
+    if len(prompt) > max_chars:
+        raise PromptError("prompt", f"{len(prompt)} characters is over MAX_PROMPT_CHARS {max_chars}")
+    return prompt
+
+
 class Client:
     """Submits jobs to, and follows them on, the cluster behind one Redis."""
 
@@ -32,12 +41,7 @@ class Client:
     def submit(self, path: str | os.PathLike, prompt: str | None = None) -> Job:
         """Queue a job for the video at ``path`` (as the workers see it); returns at once."""
         s = self.settings
-        prompt = s.prompt if prompt is None else prompt
-        if not prompt.strip():
-            raise PromptError("prompt", "is empty")
-        if len(prompt) > s.max_prompt_chars:
-            raise PromptError("prompt", f"{len(prompt)} characters is over MAX_PROMPT_CHARS "
-                                        f"{s.max_prompt_chars}")
+        prompt = check_prompt(s.prompt if prompt is None else prompt, s.max_prompt_chars)
         local = Path(path)
         # A path that exists here is sent absolute (local workers); any other path is left for
         # the workers to resolve against their MEDIA_ROOT.

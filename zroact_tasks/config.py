@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     vlm_max_tokens: int = Field(256, ge=16)
     """``max_tokens`` of a Stage 2 request."""
 
+    max_task_deliveries: int = Field(3, ge=1)
+    """A task delivered this many times (its worker died each time) is recorded as failed."""
     job_deadline_s: float = Field(3600.0, gt=0)
     """A job still running after this ends ``failed``."""
     visibility_timeout_s: int = Field(3600, ge=10)

@@ -15,6 +15,7 @@
     │   └── PromptError            the prompt is empty or too long
     ├── ConfigError                a setting is invalid (e.g. Stage 2 concurrency outside 2–3)
     ├── FrameMissingError          a frame is not in the store (expired, deleted, cancelled)
+    ├── PoisonTaskError            a task killed its worker on every delivery; not run again
     ├── VLMError                   Stage 2 failed
     │   ├── VLMUnavailableError        transient: refused, timed out, HTTP 5xx/429; retried
     │   └── VLMResponseError           permanent: HTTP 4xx, not JSON, breaks the verdict schema,
@@ -93,6 +94,20 @@ class FrameMissingError(ZroactError):
 
     def __str__(self) -> str:
         return f"job {self.job_id}: frames {self.frames} are not in the frame store"
+
+
+class PoisonTaskError(ZroactError):
+    """A task was delivered ``MAX_TASK_DELIVERIES`` times without finishing: each time its worker
+    process died (a crashing input or runtime). ``task_reject_on_worker_lost`` would requeue it
+    forever; zroact records this error instead of running it again."""
+
+    def __init__(self, task_id: str, deliveries: int) -> None:
+        super().__init__(task_id, deliveries)
+        self.task_id, self.deliveries = task_id, deliveries
+
+    def __str__(self) -> str:
+        return (f"task {self.task_id} killed its worker on {self.deliveries - 1} deliveries; "
+                "not run again")
 
 
 class VLMError(ZroactError):

@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from .errors import JobNotFoundError
+from .errors import JobNotFoundError, PoisonTaskError
 from .models import JobSpec, JobStatus
 
 # Record a group's result once, then report whether this call closed the barrier.
@@ -119,6 +119,16 @@ class JobStore:
     def request_abort(self, job_id: str, reason: str) -> bool:
         """Ask every task of the job to stop; False if the job was already stopping."""
         return bool(self.r.hsetnx(_key(job_id), "abort", reason))
+
+    def check_delivery(self, task_id: str, limit: int) -> None:
+        """Count a delivery of ``task_id``; PoisonTaskError once it exceeds ``limit``."""
+        key = f"zroact:deliveries:{task_id}"
+        pipe = self.r.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, self.ttl_s)
+        count = pipe.execute()[0]
+        if count > limit:
+            raise PoisonTaskError(task_id, count)
 
     # --- Stage 1 ------------------------------------------------------------------------
     def record_keyframes(self, job_id: str, results: list[dict]) -> None:

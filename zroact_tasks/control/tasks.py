@@ -39,8 +39,8 @@ def fail_job(job_id: str, exc: BaseException, *, input_error: bool = False) -> N
         pipeline.send_finalize(app, job_id)
 
 
-@app.task(name=pipeline.INGEST)
-def ingest_video(spec_data: dict) -> dict:
+@app.task(name=pipeline.INGEST, bind=True)
+def ingest_video(self, spec_data: dict) -> dict:
     """Decode the video, store its frames and send one chord per slot."""
     spec, settings, jobs = JobSpec.model_validate(spec_data), get_settings(), resources.jobs()
     job_id = spec.job_id
@@ -63,6 +63,7 @@ def ingest_video(spec_data: dict) -> dict:
         jobs.update(job_id, keyframes_seen=str(seen["keyframes"]), slots_seen=str(seen["slots"]))
 
     try:
+        jobs.check_delivery(self.request.id, settings.max_task_deliveries)
         result = ingest(spec, settings, resources.frames(), send_slot,
                         should_stop=lambda: jobs.cancel_requested(job_id))
     except InputError as exc:

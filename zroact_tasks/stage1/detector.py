@@ -54,7 +54,8 @@ def _static(dim: object) -> int | None:
 class OnnxDetector:
     """An onnxruntime session over a YOWOv3-layout model: CUDA first, CPU where no GPU is."""
 
-    def __init__(self, model: Path | None, labels: Path | None = None) -> None:
+    def __init__(self, model: Path | None, labels: Path | None = None,
+                 clip_length: int | None = None) -> None:
         import onnxruntime as ort  # imported here: only Stage 1 processes need it
 
         if model is None:
@@ -69,6 +70,9 @@ class OnnxDetector:
             raise ModelError(str(model), f"onnxruntime cannot load it: {_first_line(exc)}") from exc
         self.providers = self._session.get_providers()
         self._check_layout(str(model))
+        if clip_length is not None and clip_length != self.clip_length:
+            raise ModelError(str(model), f"the model takes {self.clip_length}-frame clips, "
+                                         f"ZROACT_CLIP_LENGTH is {clip_length}")
         self.labels = read_labels(labels, self.num_classes)
         log.info("stage1 model %s on %s (input %dx%d, %d classes, batch %s)", path.name,
                  self.providers[0], self.input_width, self.input_height, self.num_classes,
@@ -107,7 +111,7 @@ def _first_line(exc: BaseException) -> str:
 def load_detector(settings: Settings) -> Detector:
     """The detector ``settings.detector`` names, built from the settings."""
     if settings.detector == "onnx":
-        return OnnxDetector(settings.model, settings.labels)
+        return OnnxDetector(settings.model, settings.labels, settings.clip_length)
     module_name, _, class_name = settings.detector.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)

@@ -44,8 +44,9 @@ def _fit(jpeg: bytes, max_side: int | None, quality: int) -> bytes:
     return encode_jpeg(cv2.resize(frame, size, interpolation=cv2.INTER_AREA), quality)
 
 
-@app.task(name=pipeline.JUDGE)
-def judge_slot(job_id: str, slot: int, keyframes: list[int], detections: dict[str, list]) -> dict:
+@app.task(name=pipeline.JUDGE, bind=True)
+def judge_slot(self, job_id: str, slot: int, keyframes: list[int],
+               detections: dict[str, list]) -> dict:
     """Ask the VLM about one slot of keyframes and record its verdict or its error."""
     jobs, settings = resources.jobs(), get_settings()
     if jobs.group_done(job_id, slot):  # redelivered after the slot was recorded
@@ -55,6 +56,7 @@ def judge_slot(job_id: str, slot: int, keyframes: list[int], detections: dict[st
     try:
         if jobs.cancel_requested(job_id):
             raise ZroactError("cancelled")
+        jobs.check_delivery(self.request.id, settings.max_task_deliveries)
         spec, meta = jobs.spec(job_id), jobs.meta(job_id)
         fps = json.loads(meta["video"])["fps"] if "video" in meta else 30.0
         stored = resources.frames().get_many(job_id, keyframes)

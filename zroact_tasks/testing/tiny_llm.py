@@ -40,12 +40,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# A few strings to learn merges from; the byte alphabet covers everything else.
+# A few strings to learn merges from (prose, not JSON: merges of whole verdicts would let the
+# model answer in two tokens and never be cut off by a small max_tokens).
 _CORPUS = [
-    '{"action": "walking", "confirmed": true, "confidence": 0.85, "reason": "A person walks."}',
-    '{"action": "none", "confirmed": false, "confidence": 0.1, "reason": "Nothing happens."}',
     "Does the detector's top detection really happen in these three frames? Answer in JSON.",
     "You are a careful video analyst. The frames show a red square moving over a dark background.",
+    "A person walks across the room, then sits down and reads a book for a while.",
+    "Nothing happens: the scene is still, and the confidence of the detection is low.",
 ]
 
 
