@@ -61,3 +61,11 @@ def test_public_names():
         "media", "stage1", "stage2", "control", "cli", "local", "testing"}
     for name in zroact_tasks.__all__:
         assert getattr(zroact_tasks, name) is not None
+
+
+def test_every_setting_is_documented_in_the_readme():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`ZROACT_{name.upper()}`" not in readme]
+    assert missing == []
