@@ -51,6 +51,10 @@ return 0
 
 DEADLINES = "zroact:deadlines"
 """Sorted set of unfinished jobs, scored by the time they must have ended."""
+VLM_ERRORS = "zroact:metrics:vlm_errors"
+"""Hash: VLM error class name -> count, since the cluster's Redis started (for metrics)."""
+JOBS_ENDED = "zroact:metrics:jobs_ended"
+"""Hash: final job state -> count (for metrics)."""
 
 
 def _key(job_id: str, part: str = "") -> str:
@@ -172,10 +176,14 @@ class JobStore:
         pipe.hset(_key(job_id), mapping={"report": report_json, "state": state,
                                           "ended_at": time.time()})
         pipe.zrem(DEADLINES, job_id)
+        pipe.hincrby(JOBS_ENDED, state, 1)
         # The report outlives the job's working records only as long as the result TTL.
         for part in ("", "kf", "groups", "groups_done", "done"):
             pipe.expire(_key(job_id, part), self.ttl_s)
         pipe.execute()
+
+    def count_vlm_error(self, kind: str) -> None:
+        self.r.hincrby(VLM_ERRORS, kind, 1)
 
     def report_json(self, job_id: str) -> str | None:
         return self.r.hget(_key(job_id), "report")

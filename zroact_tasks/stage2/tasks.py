@@ -13,7 +13,7 @@ from .. import pipeline, resources
 from ..app import app
 from ..config import get_settings
 from ..control.tasks import one_line, record_group
-from ..errors import ZroactError
+from ..errors import VLMError, ZroactError
 from ..media.video import decode_jpeg, encode_jpeg
 from ..models import Detection
 from .prompts import slot_text
@@ -69,6 +69,8 @@ def judge_slot(self, job_id: str, slot: int, keyframes: list[int],
     except ZroactError as exc:
         log.warning("job %s slot %d: %s", job_id, slot, exc)
         record["error"] = one_line(exc)
+        if isinstance(exc, VLMError):
+            jobs.count_vlm_error(type(exc).__name__)
     record["t1"] = time.time()
     record_group(job_id, slot, record)
     return {"slot": slot, "error": record.get("error")}
