@@ -65,7 +65,6 @@ def test_twenty_jobs_at_once_complete_and_leave_no_key_without_ttl(redis_server,
         for job in jobs:
             assert not r.exists(frames_key(job.id))
         # Every key left carries a TTL: reports, job records, Celery's task metas, chord keys.
-        # (kombu's own bindings and the unacked bookkeeping are the broker's, not a job's.)
         # Not a job's: kombu's bindings and unacked bookkeeping, the deadline index, counters.
         broker = (b"_kombu.binding", b"unacked", b"zroact:deadlines", b"zroact:metrics:")
         no_ttl = [k for k in r.scan_iter() if r.ttl(k) == -1 and not k.startswith(broker)]
