@@ -65,7 +65,7 @@ def cluster(redis_server, standin, assets, tmp_path_factory):
     client.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def client(cluster) -> Client:
     return cluster[1]
 

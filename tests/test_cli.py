@@ -115,3 +115,38 @@ def test_a_prompt_over_the_limit_is_exit_3(assets):
     res = zroact("run", assets["short_video"], "--model", assets["model"], "--prompt", "x" * 50,
                  env={"ZROACT_MAX_PROMPT_CHARS": "10"})
     assert res.returncode == 3 and "50 characters is over MAX_PROMPT_CHARS 10" in last_line(res.stderr)
+
+
+def test_progress_plain_lines_off_a_terminal_and_a_live_bar_on_one(client, assets, tmp_path):
+    import pty
+
+    env = {"ZROACT_REDIS_URL": client.settings.redis_url}
+    res = zroact("submit", assets["short_video"], "--wait", env=env)
+    lines = [l for l in res.stderr.splitlines() if "stage 1" in l]
+    assert res.returncode == 0 and lines and "\r" not in res.stderr
+    assert lines[-1].startswith("succeeded stage 1 4/4 clips, stage 2 1/1 slots")
+
+    leader, follower = pty.openpty()  # a real terminal for the child's stderr
+    proc = subprocess.Popen([sys.executable, "-m", "zroact_tasks.cli", "submit",
+                             str(assets["short_video"]), "--wait"], stdout=subprocess.PIPE,
+                            stderr=follower, env={**os.environ, **env})
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(60)
+    assert proc.returncode == 0
+    assert b"\r\x1b[2K[" in out and b"####" in out and b"succeeded" in out
+
+
+def test_run_draws_the_contact_sheet_and_annotated_video(assets, tmp_path):
+    res = zroact("run", assets["short_video"], "--model", assets["model"], "--contact-sheet",
+                 tmp_path / "s.png", "--annotate", tmp_path / "a.mp4")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "s.png").stat().st_size > 0 and (tmp_path / "a.mp4").stat().st_size > 0

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from .config import STAGE2_CONCURRENCY_RANGE, Settings, use_settings
 from .errors import ConfigError, InputError, ZroactError
 from .models import JobReport
+from .progress import follow
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT = 0, 1, 2, 3
 DEFAULT_CONCURRENCY = {"control": 4, "stage1": 1}
@@ -64,6 +65,18 @@ def check_model_isolated(settings: Settings) -> str:
         return pool.submit(check_model, settings).result()
 
 
+def render(video: Path, report: JobReport, annotate: Path | None, sheet: Path | None) -> None:
+    """Draw the report when asked (needs the video on this machine and a decoded video)."""
+    if (annotate is None and sheet is None) or report.video is None:
+        return
+    from . import render as draw
+
+    if annotate is not None:
+        click.echo(f"annotated video: {draw.annotate_video(video, report, annotate)}", err=True)
+    if sheet is not None:
+        click.echo(f"contact sheet: {draw.contact_sheet(video, report, sheet)}", err=True)
+
+
 def finish(report: JobReport, json_out: Path | None) -> None:
     """Print the summary, write OUT, exit with the report's code."""
     if json_out is not None:
@@ -101,10 +114,12 @@ def main(debug: bool) -> None:
 @click.option("--prompt", help="Stage 2 prompt.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the report here.")
 @click.option("--timeout", type=float, default=None, help="Give up waiting after this many seconds.")
+@click.option("--annotate", type=click.Path(path_type=Path), help="Write the video with boxes and verdicts (mp4).")
+@click.option("--contact-sheet", type=click.Path(path_type=Path), help="Write one PNG of the slots.")
 @handles_errors
 def run(video: Path, model: Path | None, labels: Path | None, vlm_url: str | None,
         vlm_model: str | None, prompt: str | None, json_out: Path | None,
-        timeout: float | None) -> None:
+        timeout: float | None, annotate: Path | None, contact_sheet: Path | None) -> None:
     """Run one job on a throwaway local Redis and local workers, then shut them down."""
     from .local import EmbeddedRedis, LocalCluster
     from .media.video import probe, resolve_video_path
@@ -130,10 +145,11 @@ def run(video: Path, model: Path | None, labels: Path | None, vlm_url: str | Non
             cluster.wait_ready(client.app)
             job = client.submit(path, prompt=settings.prompt)
             click.echo(f"job {job.id} submitted; workers' logs in {cluster.log_dir}", err=True)
-            report = job.wait(timeout)
+            report = follow(job, sys.stderr, timeout)
         finally:
             cluster.stop()
             client.close()
+    render(path, report, annotate, contact_sheet)
     finish(report, json_out)
 
 
@@ -144,17 +160,22 @@ def run(video: Path, model: Path | None, labels: Path | None, vlm_url: str | Non
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the report here.")
 @click.option("--redis-url", help="The cluster's Redis [ZROACT_REDIS_URL].")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this long.")
+@click.option("--annotate", type=click.Path(path_type=Path), help="With --wait: write the annotated video.")
+@click.option("--contact-sheet", type=click.Path(path_type=Path), help="With --wait: write a PNG of the slots.")
 @handles_errors
 def submit(video: str, prompt: str | None, wait_: bool, json_out: Path | None,
-           redis_url: str | None, timeout: float | None) -> None:
+           redis_url: str | None, timeout: float | None, annotate: Path | None,
+           contact_sheet: Path | None) -> None:
     """Submit a job to a running cluster; prints its id."""
     from .client import Client
 
     client = Client(settings=_settings(redis_url=redis_url))
     job = client.submit(video, prompt=prompt)
     click.echo(job.id)
-    if wait_ or json_out is not None:
-        finish(job.wait(timeout), json_out)
+    if wait_ or json_out is not None or annotate is not None or contact_sheet is not None:
+        report = follow(job, sys.stderr, timeout)
+        render(Path(video), report, annotate, contact_sheet)
+        finish(report, json_out)
 
 
 @main.command()
