@@ -99,6 +99,13 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(4000, ge=1)
     """Longest prompt accepted."""
 
+    api_token: str | None = None
+    """Bearer token the HTTP API requires (``zroact api``); required unless auth is disabled."""
+    api_auth_disabled: bool = False
+    """Run the HTTP API without authentication (only when set explicitly)."""
+    api_max_upload_bytes: int = Field(2 * 1024**3, ge=1)
+    """Largest video the HTTP API accepts as an upload (413 above it)."""
+
     @field_validator("vlm_url")
     @classmethod
     def _strip_v1(cls, url: str | None) -> str | None:
