@@ -223,8 +223,13 @@ def worker(role: str, concurrency: int | None, name: str | None, loglevel: str) 
     use_settings(settings)  # before the app is imported: celeryconfig reads it
     from .app import app
 
+    pool = "prefork"
+    if role == "stage1" and settings.stage1_max_batch > 1:
+        # Batching: one process, a thread per reserved task, so the prefetch window (threads x
+        # multiplier 1) holds a whole batch and the batcher can merge their clips.
+        pool, concurrency = "threads", settings.stage1_max_batch
     app.worker_main([
-        "worker", "-Q", role, "-P", "prefork", "-c", str(concurrency or DEFAULT_CONCURRENCY[role]),
+        "worker", "-Q", role, "-P", pool, "-c", str(concurrency or DEFAULT_CONCURRENCY[role]),
         "-n", name or f"{role}@%h", "-E", "--prefetch-multiplier", "1", "-l", loglevel,
     ])
 

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     """Load the Stage 1 model as each worker process starts (``zroact worker stage1`` sets it)."""
     stage1_batch: int = Field(1, ge=1)
     """Clips per Stage 1 task (one onnxruntime call when the model's batch is dynamic)."""
+    stage1_max_batch: int = Field(1, ge=1)
+    """Cross-job batching: >1 runs the Stage 1 worker as a thread pool of this size whose clips
+    share inference calls of up to this many clips (stage1/batcher.py). 1 = off."""
+    stage1_batch_timeout_ms: float = Field(10.0, ge=0)
+    """Batching: the longest a clip waits for others before its call runs anyway."""
     frame_jpeg_quality: int = Field(95, ge=50, le=100)
     """JPEG quality of frames held in the store (they are also what Stage 2 sends)."""
     stage2_max_side: int | None = Field(None, ge=32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -15,8 +16,10 @@ from .yowo import postprocess, preprocess_clip
 
 
 def detect_keyframes(detector: Detector, store: FrameStore, job_id: str, keyframes: list[int],
-                     params: dict) -> list[dict]:
-    """Detections for each keyframe's clip; every clip of the batch in one inference call.
+                     params: dict, infer: Callable[[np.ndarray], np.ndarray] | None = None
+                     ) -> list[dict]:
+    """Detections for each keyframe's clip; every clip of the batch in one inference call
+    (``infer``: the detector's own, or a DynamicBatcher's that also holds other tasks' clips).
 
     One HMGET fetches the frames of all clips; a frame shared by overlapping clips is decoded once.
     """
@@ -33,7 +36,7 @@ def detect_keyframes(detector: Detector, store: FrameStore, job_id: str, keyfram
                         detector.input_width)
         for kf in keyframes
     ])
-    output = detector.infer(batch)
+    output = (infer or detector.infer)(batch)
     ended = time.time()
     results = []
     for n, kf in enumerate(keyframes):
