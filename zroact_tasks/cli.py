@@ -202,6 +202,21 @@ def cancel(job_id: str, redis_url: str | None) -> None:
 
 
 @main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", type=int, default=9808, show_default=True)
+@click.option("--redis-url", help="The cluster's Redis [ZROACT_REDIS_URL].")
+@handles_errors
+def metrics(host: str, port: int, redis_url: str | None) -> None:
+    """Serve Prometheus metrics (queue depth, jobs, VLM errors, task latencies) on /metrics."""
+    import logging
+
+    from .metrics import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(_settings(redis_url=redis_url), host, port)
+
+
+@main.command()
 @click.argument("role", type=click.Choice(["stage1", "stage2", "control"]))
 @click.option("--concurrency", "-c", type=int, help="Pool processes (stage2: ZROACT_STAGE2_CONCURRENCY).")
 @click.option("--name", "-n", default=None, help="Node name (default ROLE@%h).")
