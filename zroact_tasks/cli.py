@@ -156,6 +156,7 @@ def run(video: Path, model: Path | None, labels: Path | None, vlm_url: str | Non
 @main.command()
 @click.argument("video")
 @click.option("--prompt", help="Stage 2 prompt.")
+@click.option("--priority", type=int, default=None, help="0 (most urgent) to 9 [ZROACT_DEFAULT_PRIORITY, 5].")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the report.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the report here.")
 @click.option("--redis-url", help="The cluster's Redis [ZROACT_REDIS_URL].")
@@ -163,14 +164,14 @@ def run(video: Path, model: Path | None, labels: Path | None, vlm_url: str | Non
 @click.option("--annotate", type=click.Path(path_type=Path), help="With --wait: write the annotated video.")
 @click.option("--contact-sheet", type=click.Path(path_type=Path), help="With --wait: write a PNG of the slots.")
 @handles_errors
-def submit(video: str, prompt: str | None, wait_: bool, json_out: Path | None,
+def submit(video: str, prompt: str | None, priority: int | None, wait_: bool, json_out: Path | None,
            redis_url: str | None, timeout: float | None, annotate: Path | None,
            contact_sheet: Path | None) -> None:
     """Submit a job to a running cluster; prints its id."""
     from .client import Client
 
     client = Client(settings=_settings(redis_url=redis_url))
-    job = client.submit(video, prompt=prompt)
+    job = client.submit(video, prompt=prompt, priority=priority)
     click.echo(job.id)
     if wait_ or json_out is not None or annotate is not None or contact_sheet is not None:
         report = follow(job, sys.stderr, timeout)

@@ -12,7 +12,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from . import pipeline
 from .app import make_app
 from .config import Settings, get_settings
-from .errors import JobTimeoutError, PromptError
+from .errors import InputError, JobTimeoutError, PromptError
 from .jobstate import JobStore
 from .media.clips import keyframe_indices
 from .models import FINAL_STATES, JobReport, JobSpec, JobStatus
@@ -38,10 +38,19 @@ class Client:
         self.app = make_app(settings)
         self.jobs = JobStore(settings.redis_url, settings.result_ttl_s)
 
-    def submit(self, path: str | os.PathLike, prompt: str | None = None) -> Job:
-        """Queue a job for the video at ``path`` (as the workers see it); returns at once."""
+    def submit(self, path: str | os.PathLike, prompt: str | None = None,
+               priority: int | None = None) -> Job:
+        """Queue a job for the video at ``path`` (as the workers see it); returns at once.
+
+        ``priority``: 0 (most urgent) to 9, default ``DEFAULT_PRIORITY`` (5). On Redis, Celery
+        emulates priorities with four levels, 0-2, 3-5, 6-8 and 9: values within a level are
+        equal, and a level only goes first among tasks waiting in the same queue.
+        """
         s = self.settings
         prompt = check_prompt(s.prompt if prompt is None else prompt, s.max_prompt_chars)
+        priority = s.default_priority if priority is None else priority
+        if not 0 <= priority <= 9:
+            raise InputError("priority", f"{priority} is not in 0..9 (0 = most urgent)")
         local = Path(path)
         # A path that exists here is sent absolute (local workers); any other path is left for
         # the workers to resolve against their MEDIA_ROOT.
@@ -51,10 +60,11 @@ class Client:
             keyframe_stride=s.keyframe_stride, sampling_rate=s.sampling_rate,
             clip_length=s.clip_length, slot_size=s.slot_size, score_threshold=s.score_threshold,
             nms_iou=s.nms_iou, max_detections=s.max_detections, submitted_at=time.time(),
+            priority=priority,
         )
         self.jobs.create(spec, s.job_deadline_s)
         self.app.send_task(pipeline.INGEST, args=(spec.model_dump(mode="json"),),
-                           task_id=pipeline.ingest_id(spec.job_id))
+                           task_id=pipeline.ingest_id(spec.job_id), priority=spec.priority)
         return Job(self, spec.job_id)
 
     def job(self, job_id: str) -> Job:

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     share inference calls of up to this many clips (stage1/batcher.py). 1 = off."""
     stage1_batch_timeout_ms: float = Field(10.0, ge=0)
     """Batching: the longest a clip waits for others before its call runs anyway."""
+    job_window_slots: int = Field(4, ge=0)
+    """Slots of one job queued for Stage 1 at a time (0 = all at once). Keeps one long video
+    from filling the queue ahead of jobs submitted after it: work interleaves across jobs."""
+    default_priority: int = Field(5, ge=0, le=9)
+    """Priority of jobs submitted without one (0 = most urgent)."""
     frame_jpeg_quality: int = Field(95, ge=50, le=100)
     """JPEG quality of frames held in the store (they are also what Stage 2 sends)."""
     stage2_max_side: int | None = Field(None, ge=32)

@@ -57,6 +57,25 @@ JOBS_ENDED = "zroact:metrics:jobs_ended"
 """Hash: final job state -> count (for metrics)."""
 
 
+# The per-job window: offer slots to a pending list; move them to the in-flight set while it has
+# room. Returns the slots to send now. A set (not a counter), so a redelivered release is harmless.
+_PUMP = """
+if ARGV[1] ~= '' then redis.call('RPUSH', KEYS[1], ARGV[1]) end
+if ARGV[2] ~= '' then redis.call('SREM', KEYS[2], ARGV[2]) end
+local window = tonumber(ARGV[3])
+local out = {}
+while window == 0 or redis.call('SCARD', KEYS[2]) < window do
+  local item = redis.call('LPOP', KEYS[1])
+  if not item then break end
+  redis.call('SADD', KEYS[2], item)
+  table.insert(out, item)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return out
+"""
+
+
 def _key(job_id: str, part: str = "") -> str:
     return f"zroact:job:{job_id}" + (f":{part}" if part else "")
 
@@ -75,6 +94,7 @@ class JobStore:
         self.ttl_s = ttl_s
         self._record = self.r.register_script(_RECORD_GROUP)
         self._check = self.r.register_script(_CHECK_BARRIER)
+        self._pump = self.r.register_script(_PUMP)
 
     # --- job meta -------------------------------------------------------------------------
     def create(self, spec: JobSpec, deadline_s: float) -> None:
@@ -134,6 +154,15 @@ class JobStore:
         if count > limit:
             raise PoisonTaskError(task_id, count)
 
+    # --- the per-job window of slots in flight ------------------------------------------------
+    def pump_slots(self, job_id: str, window: int, offer: dict | None = None,
+                   release: dict | None = None) -> list[dict]:
+        """Offer a new slot and/or release a finished one; the slots that may be sent now."""
+        encode = lambda item: json.dumps(item, sort_keys=True) if item else ""  # noqa: E731
+        items = self._pump(keys=[_key(job_id, "pending"), _key(job_id, "inflight")],
+                           args=[encode(offer), encode(release), window, self.ttl_s])
+        return [json.loads(i) for i in items]
+
     # --- Stage 1 ------------------------------------------------------------------------
     def record_keyframes(self, job_id: str, results: list[dict]) -> None:
         """Store Stage 1 results (each with a ``keyframe`` field); rewriting one is harmless."""
@@ -178,7 +207,7 @@ class JobStore:
         pipe.zrem(DEADLINES, job_id)
         pipe.hincrby(JOBS_ENDED, state, 1)
         # The report outlives the job's working records only as long as the result TTL.
-        for part in ("", "kf", "groups", "groups_done", "done"):
+        for part in ("", "kf", "groups", "groups_done", "done", "pending", "inflight"):
             pipe.expire(_key(job_id, part), self.ttl_s)
         pipe.execute()
 

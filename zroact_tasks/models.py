@@ -26,6 +26,8 @@ class JobSpec(BaseModel):
     nms_iou: float
     max_detections: int
     submitted_at: float
+    priority: int = Field(5, ge=0, le=9)
+    """0 = most urgent. Redis emulates priorities with 4 levels: 0-2, 3-5, 6-8, 9."""
 
 
 class Detection(BaseModel):

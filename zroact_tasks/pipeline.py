@@ -43,28 +43,36 @@ def batches(keyframes: list[int], size: int) -> list[list[int]]:
     return [keyframes[i : i + size] for i in range(0, len(keyframes), size)]
 
 
+BOOKKEEPING_PRIORITY = 0
+"""Control steps between the stages go first: they are short and unblock GPU work."""
+
+
 def send_slot(app: Celery, job_id: str, slot: int, keyframes: list[int], *, params: dict,
-              judge: bool, batch: int) -> None:
+              judge: bool, batch: int, priority: int) -> None:
     """Send slot ``slot``'s chord: Stage 1 over its clips, then ``slot_ready``."""
     header = group([
-        app.signature(DETECT, args=(job_id, kfs, params), task_id=detect_id(job_id, kfs[0]))
+        app.signature(DETECT, args=(job_id, kfs, params), task_id=detect_id(job_id, kfs[0]),
+                      priority=priority)
         for kfs in batches(keyframes, batch)  # a list, not a generator: see CELERY-NOTES
     ])
     body = app.signature(SLOT_READY, args=(job_id, slot, keyframes, judge),
-                         task_id=slot_ready_id(job_id, slot))
+                         task_id=slot_ready_id(job_id, slot), priority=BOOKKEEPING_PRIORITY)
     # Old-style errback (first argument: the failed task's id), so Celery sends it as a task to
     # the control queue instead of running it inside the worker that saw the failure.
-    body.on_error(app.signature(SLOT_FAILED, args=(job_id, slot, keyframes)))
+    body.on_error(app.signature(SLOT_FAILED, args=(job_id, slot, keyframes),
+                                priority=BOOKKEEPING_PRIORITY))
     chord(header, body).apply_async()
 
 
 def send_judge(app: Celery, job_id: str, slot: int, keyframes: list[int],
-               detections: dict[str, list]) -> None:
-    app.send_task(JUDGE, args=(job_id, slot, keyframes, detections), task_id=judge_id(job_id, slot))
+               detections: dict[str, list], priority: int) -> None:
+    app.send_task(JUDGE, args=(job_id, slot, keyframes, detections), task_id=judge_id(job_id, slot),
+                  priority=priority)
 
 
 def send_finalize(app: Celery, job_id: str) -> None:
-    app.send_task(FINALIZE, args=(job_id,), task_id=finalize_id(job_id))
+    app.send_task(FINALIZE, args=(job_id,), task_id=finalize_id(job_id),
+                  priority=BOOKKEEPING_PRIORITY)
 
 
 def job_task_ids(job_id: str, keyframes: list[int], slot_size: int, batch: int) -> list[str]:

@@ -39,6 +39,32 @@ def fail_job(job_id: str, exc: BaseException, *, input_error: bool = False) -> N
         pipeline.send_finalize(app, job_id)
 
 
+def slot_params(spec: JobSpec) -> dict:
+    return {"clip_length": spec.clip_length, "sampling_rate": spec.sampling_rate,
+            "score_threshold": spec.score_threshold, "nms_iou": spec.nms_iou,
+            "max_detections": spec.max_detections}
+
+
+def pump(spec: JobSpec, stage2: bool, offer: dict | None = None, release: dict | None = None) -> None:
+    """Send the job's slots its window has room for (see JobStore.pump_slots)."""
+    settings = get_settings()
+    for item in resources.jobs().pump_slots(spec.job_id, settings.job_window_slots, offer, release):
+        keyframes = item["keyframes"]
+        pipeline.send_slot(app, spec.job_id, item["slot"], keyframes, params=slot_params(spec),
+                           judge=stage2 and len(keyframes) == spec.slot_size,
+                           batch=settings.stage1_batch, priority=spec.priority)
+
+
+def release_slot(job_id: str, slot: int, keyframes: list[int]) -> None:
+    """A slot's Stage 1 is over: free its place in the window for the job's next slot."""
+    jobs = resources.jobs()
+    meta = jobs.meta(job_id)
+    if "abort" in meta:
+        return
+    pump(JobSpec.model_validate_json(meta["spec"]), meta.get("stage2") == "true",
+         release={"slot": slot, "keyframes": keyframes})
+
+
 @app.task(name=pipeline.INGEST, bind=True)
 def ingest_video(self, spec_data: dict) -> dict:
     """Decode the video, store its frames and send one chord per slot."""
@@ -49,16 +75,12 @@ def ingest_video(self, spec_data: dict) -> dict:
     stage2 = settings.vlm_url is not None
     jobs.update(job_id, state="running", ingest_started=str(time.time()),
                 stage2="true" if stage2 else "false")
-    params = {"clip_length": spec.clip_length, "sampling_rate": spec.sampling_rate,
-              "score_threshold": spec.score_threshold, "nms_iou": spec.nms_iou,
-              "max_detections": spec.max_detections}
     seen = {"keyframes": 0, "slots": 0}
 
     def send_slot(slot: int, keyframes: list[int]) -> None:
-        judge = stage2 and len(keyframes) == spec.slot_size
-        pipeline.send_slot(app, job_id, slot, keyframes, params=params, judge=judge,
-                           batch=settings.stage1_batch)
+        pump(spec, stage2, offer={"slot": slot, "keyframes": keyframes})
         seen["keyframes"] += len(keyframes)
+        judge = stage2 and len(keyframes) == spec.slot_size
         seen["slots"] += judge
         jobs.update(job_id, keyframes_seen=str(seen["keyframes"]), slots_seen=str(seen["slots"]))
 
@@ -90,6 +112,7 @@ def ingest_video(self, spec_data: dict) -> dict:
 def slot_ready(header: list[list[dict]], job_id: str, slot: int, keyframes: list[int],
                judge: bool) -> dict:
     """Chord body: a slot's Stage 1 is done; enqueue its Stage 2 request (or close the slot)."""
+    release_slot(job_id, slot, keyframes)
     results = [r for batch in header for r in batch]
     failed = [r for r in results if r.get("error")]
     if failed:
@@ -97,9 +120,10 @@ def slot_ready(header: list[list[dict]], job_id: str, slot: int, keyframes: list
         record_group(job_id, slot, {"error": f"stage 1 failed on frame {first['keyframe']}: "
                                              f"{first['error']}"})
         return {"slot": slot, "stage2": False}
-    if judge and not resources.jobs().cancel_requested(job_id):
+    jobs = resources.jobs()
+    if judge and not jobs.cancel_requested(job_id):
         detections = {str(r["keyframe"]): r["detections"] for r in results}
-        pipeline.send_judge(app, job_id, slot, keyframes, detections)
+        pipeline.send_judge(app, job_id, slot, keyframes, detections, jobs.spec(job_id).priority)
         return {"slot": slot, "stage2": True}
     record_group(job_id, slot, {"stage2": False})
     return {"slot": slot, "stage2": False}
@@ -110,6 +134,7 @@ def slot_failed(failed_task_id: str, job_id: str, slot: int, keyframes: list[int
     """Error callback of a slot's chord: record why, so the job still reaches its report."""
     exc = app.AsyncResult(failed_task_id).result  # a stored result, not a wait
     log.warning("job %s slot %d failed: %s", job_id, slot, exc)
+    release_slot(job_id, slot, keyframes)
     record_group(job_id, slot, {"error": f"slot failed: {one_line(exc or 'unknown error')}"})
 
 
