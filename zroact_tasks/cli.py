@@ -217,6 +217,35 @@ def metrics(host: str, port: int, redis_url: str | None) -> None:
     serve(_settings(redis_url=redis_url), host, port)
 
 
+def stage2_concurrency(settings: Settings, flag: int | None) -> int:
+    """The flag if given; else planned from the VLM server's capacity (logged), else configured."""
+    from .stage2.capacity import plan_concurrency, read_capacity
+
+    low, high = STAGE2_CONCURRENCY_RANGE
+    configured = flag or settings.stage2_concurrency
+    if not low <= configured <= high and not settings.stage2_concurrency_override:
+        raise ConfigError(f"stage2 concurrency {configured} is outside {low}-{high} (the VRAM "
+                          "budget); set ZROACT_STAGE2_CONCURRENCY_OVERRIDE=true to allow it")
+    if settings.vlm_url is None:
+        click.echo("warning: no ZROACT_VLM_URL; this worker will fail Stage 2 requests", err=True)
+        return configured
+    if flag is not None:
+        return flag
+    try:
+        cap = read_capacity(settings.vlm_url, settings.vlm_max_num_seqs)
+    except Exception as exc:  # noqa: BLE001 - the server may start after us: plan without it
+        click.echo(f"stage2 concurrency {configured}: VLM capacity unknown ({type(exc).__name__})",
+                   err=True)
+        return configured
+    tokens = 3 * settings.vlm_tokens_per_image + settings.vlm_max_tokens + 512  # images, reply, text
+    planned, line = plan_concurrency(
+        cap, tokens_per_request=tokens, workers_sharing=settings.stage2_workers_per_vlm,
+        configured=configured, override=settings.stage2_concurrency_override,
+        latency_growth=settings.vlm_latency_growth)
+    click.echo(line, err=True)
+    return planned
+
+
 @main.command()
 @click.argument("role", type=click.Choice(["stage1", "stage2", "control"]))
 @click.option("--concurrency", "-c", type=int, help="Pool processes (stage2: ZROACT_STAGE2_CONCURRENCY).")
@@ -229,13 +258,7 @@ def worker(role: str, concurrency: int | None, name: str | None, loglevel: str) 
     if role == "stage1":
         click.echo(f"stage 1 model: {check_model_isolated(settings)}", err=True)
     if role == "stage2":
-        concurrency = concurrency or settings.stage2_concurrency
-        low, high = STAGE2_CONCURRENCY_RANGE
-        if not low <= concurrency <= high and not settings.stage2_concurrency_override:
-            raise ConfigError(f"stage2 concurrency {concurrency} is outside {low}-{high} (the VRAM "
-                              "budget); set ZROACT_STAGE2_CONCURRENCY_OVERRIDE=true to allow it")
-        if settings.vlm_url is None:
-            click.echo("warning: no ZROACT_VLM_URL; this worker will fail Stage 2 requests", err=True)
+        concurrency = stage2_concurrency(settings, concurrency)
     use_settings(settings)  # before the app is imported: celeryconfig reads it
     from .app import app
 

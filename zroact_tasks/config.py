@@ -81,6 +81,14 @@ class Settings(BaseSettings):
     """VLM requests in flight per Stage 2 worker; 2–3 unless overridden."""
     stage2_concurrency_override: bool = False
     """Allow a Stage 2 concurrency outside 2–3."""
+    vlm_max_num_seqs: int | None = Field(None, ge=1)
+    """The vLLM server's ``--max-num-seqs`` (vLLM does not publish it), for capacity planning."""
+    vlm_tokens_per_image: int = Field(1200, ge=1)
+    """KV-cache tokens one image takes (Qwen2.5-VL: ~1,200 at 1280x720), for capacity planning."""
+    vlm_latency_growth: float = Field(0.10, ge=0)
+    """Measured per-request latency growth per extra request in flight, for capacity planning."""
+    stage2_workers_per_vlm: int = Field(1, ge=1)
+    """Stage 2 workers that share one vLLM server."""
     vlm_timeout_s: float = Field(60.0, gt=0)
     """Per-request timeout for the VLM server."""
     vlm_max_retries: int = Field(4, ge=0)

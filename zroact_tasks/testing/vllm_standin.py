@@ -347,13 +347,15 @@ class VLLMStandIn:
     def __init__(self, model: str = DEFAULT_MODEL, *, host: str = "127.0.0.1", port: int = 0,
                  max_images: int = 3, max_model_len: int = 8192, latency_s: float = 0.0,
                  latency_growth: float = 0.10,
-                 content_fn: Callable[[dict], str] | None = None, error_shape: str = "nested"):
+                 content_fn: Callable[[dict], str] | None = None, error_shape: str = "nested",
+                 num_gpu_blocks: int = 4096, block_size: int = 16):
         if error_shape not in _PROFILES:
             raise ValueError(f"error_shape must be 'nested' or 'flat', not {error_shape!r}")
         self.model, self.host, self.port = model, host, port
         self.max_images, self.max_model_len = max_images, max_model_len
         self.latency_s, self.latency_growth = latency_s, latency_growth
         self.content_fn, self.error_shape = content_fn, error_shape
+        self.num_gpu_blocks, self.block_size = num_gpu_blocks, block_size  # KV cache size
         self.url = ""
         self.requests: list[dict] = []
         self.responses: list[ChatResponse] = []
@@ -572,8 +574,13 @@ class VLLMStandIn:
         values += [(name, "KV-cache usage. 1 means 100 percent usage.", min(1.0, 0.01 * running))
                    for name in _PROFILES[self.error_shape]["cache_metrics"]]
         labels = '{engine="0",model_name="%s"}' % self.model.replace('"', '\\"')
-        return "".join(f"# HELP {name} {doc}\n# TYPE {name} gauge\n{name}{labels} {float(v)}\n"
-                       for name, doc, v in values)
+        # vLLM publishes its CacheConfig as an info-style gauge whose labels carry the values.
+        info = ('# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n'
+                '# TYPE vllm:cache_config_info gauge\n'
+                f'vllm:cache_config_info{{block_size="{self.block_size}",cache_dtype="auto",'
+                f'engine="0",num_gpu_blocks="{self.num_gpu_blocks}"}} 1.0\n')
+        return info + "".join(f"# HELP {name} {doc}\n# TYPE {name} gauge\n{name}{labels} {float(v)}\n"
+                              for name, doc, v in values)
 
 
 class _Server(ThreadingHTTPServer):
