@@ -237,7 +237,7 @@ def literal_secret_problems(text: str, env_example: dict[str, str]) -> list[str]
         key, value = m[1], m[2].strip().strip("'\"")
         if _SECRET_KEY.search(key) and value and not re.fullmatch(r"\$\{?\$?\w+[^}]*\}?", value):
             problems.append(f"{key} is given a literal value")
-    for key in ("REDIS_PASSWORD", "FLOWER_BASIC_AUTH", "HF_TOKEN"):
+    for key in ("REDIS_PASSWORD", "FLOWER_BASIC_AUTH", "HF_TOKEN", "API_TOKEN"):
         value = env_example.get(key, "")
         if value and value in text:
             problems.append(f"the .env.example value of {key} appears in the compose file")
@@ -262,6 +262,35 @@ def stage2_budget_problems(compose: dict) -> list[str]:
         problems.append(f"vLLM accepts {images} images per prompt < slot size {Settings().slot_size}")
     if flag_value(words, "--served-model-name") != stage2.get("ZROACT_VLM_MODEL"):
         problems.append("stage2 asks for a model name vLLM does not serve")
+    return problems
+
+
+API_COMMAND = ["zroact", "api", "--host", "0.0.0.0", "--port", "8080"]
+
+
+def api_problems(compose: dict) -> list[str]:
+    """The HTTP API: `zroact api` on 8080 from the control image, its token required, and the
+    media volume read-write at the control workers' MEDIA_ROOT (uploads land where they read)."""
+    services = compose["services"]
+    if "api" not in services:
+        return ["no api service"]
+    api, control = services["api"], services["control"]
+    env, problems = environment(api), []
+    if as_list(api.get("entrypoint")) + as_list(api.get("command")) != API_COMMAND:
+        problems.append(f"api does not run {' '.join(API_COMMAND)}")
+    if api.get("image") != control.get("image") or api.get("build") != control.get("build"):
+        problems.append("api does not run the control image")
+    root = env.get("ZROACT_MEDIA_ROOT")
+    if root != environment(control).get("ZROACT_MEDIA_ROOT"):
+        problems.append("api and control see the media under different roots")
+    if ("media", root, "rw") not in mounts(api):
+        problems.append("api: the media volume is not mounted read-write at its MEDIA_ROOT")
+    if not env.get("ZROACT_API_TOKEN"):
+        problems.append("api: no ZROACT_API_TOKEN")
+    if env.get("ZROACT_API_AUTH_DISABLED", "false").lower() not in ("", "0", "false", "no", "off"):
+        problems.append("api: authentication disabled")
+    if not any(str(port).endswith(":8080") for port in api.get("ports", [])):
+        problems.append("api: port 8080 is not published")
     return problems
 
 
@@ -299,12 +328,13 @@ def test_docker_compose_config_accepts_it():
     assert result.returncode == 0, result.stderr
 
 
-def test_docker_compose_refuses_to_start_without_the_redis_password(tmp_path):
+@pytest.mark.parametrize("secret", ["REDIS_PASSWORD", "API_TOKEN"])
+def test_docker_compose_refuses_to_start_without_a_secret(tmp_path, secret):
     env_file = tmp_path / "env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in read_env_file(ENV_EXAMPLE).items()
-                                if k != "REDIS_PASSWORD"))
+                                if k != secret))
     result = _docker_compose("config", "-q", env_file=env_file)
-    assert result.returncode != 0 and "REDIS_PASSWORD" in result.stderr
+    assert result.returncode != 0 and secret in result.stderr
 
 
 def test_env_example_defines_exactly_the_variables_the_compose_file_uses():
@@ -350,7 +380,7 @@ def test_every_zroact_process_shares_the_cluster_settings():
     env_example = read_env_file(ENV_EXAMPLE)
     zroact = {n: environment(s) for n, s in compose["services"].items()
               if any(k.startswith("ZROACT_") for k in environment(s))}
-    assert set(zroact) == {"stage1", "stage2", "control", "flower"}
+    assert set(zroact) == {"stage1", "stage2", "control", "flower", "api"}
     for key in SHARED_SETTINGS:
         assert len({env.get(key) for env in zroact.values()}) == 1, key
     url = zroact["control"]["ZROACT_REDIS_URL"]
@@ -376,6 +406,18 @@ def test_control_reads_videos_under_its_media_root():
     assert "media" in compose["volumes"]
     assert environment(control).get("ZROACT_VLM_URL") == \
         environment(compose["services"]["stage2"])["ZROACT_VLM_URL"]
+
+
+def test_api_serves_uploads_into_the_media_volume_with_a_required_token():
+    compose = resolved_compose()
+    assert api_problems(compose) == []
+    raw = environment(raw_compose()["services"]["api"])
+    assert raw["ZROACT_API_TOKEN"].startswith("${API_TOKEN:?")  # from .env, no default
+    api = compose["services"]["api"]
+    assert "http://localhost:8080/healthz" in " ".join(api["healthcheck"]["test"])
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert int(environment(api)["ZROACT_API_MAX_UPLOAD_BYTES"]) == \
+        Settings().api_max_upload_bytes  # the example keeps zroact's default
 
 
 def test_stage2_waits_for_a_healthy_vllm():
@@ -542,6 +584,13 @@ def _broken(edit) -> dict:
     (stage2_budget_problems, lambda s: s["vllm"]["command"].__setitem__(
         s["vllm"]["command"].index("--limit-mm-per-prompt") + 1, '{"image": 1}')),
     (stage2_budget_problems, lambda s: s["stage2"]["environment"].update(ZROACT_VLM_MODEL="other")),
+    (api_problems, lambda s: s.pop("api")),
+    (api_problems, lambda s: s["api"].update(volumes=["media:/media:ro"])),
+    (api_problems, lambda s: s["api"]["environment"].update(ZROACT_MEDIA_ROOT="/data")),
+    (api_problems, lambda s: s["api"]["environment"].update(ZROACT_API_AUTH_DISABLED="true")),
+    (api_problems, lambda s: s["api"]["environment"].pop("ZROACT_API_TOKEN")),
+    (api_problems, lambda s: s["api"].pop("ports")),
+    (api_problems, lambda s: s["api"].update(command=["zroact", "api"])),
 ])
 def test_checkers_catch_a_broken_compose_file(checker, edit):
     assert checker(_broken(edit)) != []
@@ -552,6 +601,7 @@ def test_checkers_catch_a_broken_compose_file(checker, edit):
     "ZROACT_REDIS_URL: redis://:hunter2@redis:6379/0",
     "FLOWER_BASIC_AUTH: admin:hunter2",
     "HF_TOKEN: hf_abcdef",
+    "ZROACT_API_TOKEN: s3cr3t-token",
 ])
 def test_secret_checker_catches_a_literal(text):
     assert literal_secret_problems(text, {}) != []

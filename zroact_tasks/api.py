@@ -20,30 +20,32 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import secrets
 import uuid
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 from urllib.parse import parse_qsl
 
 import anyio
 import redis
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .client import Client, Job, check_prompt
 from .config import Settings, get_settings
@@ -52,6 +54,9 @@ from .media.video import probe, resolve_video_path
 from .models import JobReport, JobStatus
 
 log = logging.getLogger(__name__)
+
+_Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(
+    HTTPBearer(auto_error=False, description="The value of ZROACT_API_TOKEN."))]
 
 UPLOAD_DIR = "uploads"
 """Uploads land in ``MEDIA_ROOT/uploads`` (the control workers read them from the same volume)."""
@@ -81,8 +86,9 @@ class JobRequest(BaseModel):
     path: str = Field(min_length=1, description="The video, relative to MEDIA_ROOT (or absolute "
                       "inside it); `..` and symlinks may not lead out of MEDIA_ROOT.")
     prompt: str | None = Field(None, description="Stage 2 prompt; the server's default if absent.")
-    priority: int | None = Field(None, ge=0, le=9, description="0..9; validated and recorded, "
-                                 "not yet used for scheduling.")
+    priority: int | None = Field(None, ge=0, le=9, description="0 (most urgent) to 9; the "
+                                 "server's DEFAULT_PRIORITY (5) if absent. Celery on Redis has 4 "
+                                 "levels: 0-2, 3-5, 6-8, 9.")
 
     @field_validator("path", "prompt")
     @classmethod
@@ -121,7 +127,11 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
             415: "Unsupported Content-Type", 422: "Bad input: video, path, prompt or priority",
             503: "Redis (job store and broker) unavailable",
             507: "The upload could not be stored (disk full?)"}
-    return {code: {"model": ErrorBody, "description": text[code]} for code in codes}
+    out: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorBody, "description": text[code]} for code in codes}
+    if 401 in out:
+        out[401]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer"}}}
+    return out
 
 
 def _job_request_schema(max_prompt_chars: int) -> dict[str, Any]:
@@ -136,7 +146,7 @@ def _submit_body_schema(max_prompt_chars: int) -> dict[str, Any]:
     """POST /v1/jobs reads its body itself (to stream uploads), so its schema is written here."""
     text = {}
     for name, spec in _job_request_schema(max_prompt_chars)["properties"].items():
-        text[name] = {k: v for k, v in spec.items() if k != "anyOf"}
+        text[name] = {k: v for k, v in spec.items() if k not in ("anyOf", "default")}
         text[name].update(spec["anyOf"][0] if "anyOf" in spec else {})  # no null in a form
     upload = {
         "type": "object",
@@ -158,8 +168,9 @@ def _submit_body_schema(max_prompt_chars: int) -> dict[str, Any]:
 
 
 def _openapi(app: FastAPI, max_prompt_chars: int) -> dict[str, Any]:
-    """FastAPI's spec, with what this app really answers: ErrorBody for every 422 (our handler),
-    none on routes whose only parameter is a string in the path, and the JobRequest schema."""
+    """FastAPI's spec without its automatic 422 (HTTPValidationError, a shape this app never
+    sends): routes that can answer 422 declare it with ErrorBody, and a str path parameter cannot
+    fail validation. Plus the JobRequest schema, which only the hand-written request body names."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
@@ -374,20 +385,23 @@ class _Api:
             raise VideoNotFoundError(name, f"not a usable path ({type(exc).__name__})") from None
         return resolved
 
-    def submit(self, video: Path, prompt: str | None) -> Job:
+    def submit(self, video: Path, prompt: str | None, priority: int | None) -> Job:
         # Relative to MEDIA_ROOT: the control workers resolve it against their own mount.
-        return self.client.submit(str(video.relative_to(self.root)), prompt=prompt)
+        return self.client.submit(str(video.relative_to(self.root)), prompt=prompt,
+                                  priority=priority)
 
 
-def _check_fields(fields: dict[str, Any]) -> JobRequest | None:
-    """prompt and priority (and path, when there is one) as JobRequest checks them."""
+def _check_fields(fields: dict[str, Any]) -> JobRequest:
+    """The text fields of a multipart body, checked as JobRequest checks them (its ``path`` is a
+    placeholder here: the caller checks the real one on disk)."""
     try:
         return JobRequest.model_validate({"path": "-", **fields})
     except ValidationError as exc:
         raise Reject(422, _first_error(exc)) from None
 
 
-def _settings_problems(settings: Settings) -> tuple[Path, Path]:
+def _check_settings(settings: Settings) -> tuple[Path, Path]:
+    """MEDIA_ROOT and its (writable) upload directory; ConfigError when the API cannot serve."""
     if settings.media_root is None:
         raise ConfigError("the HTTP API needs ZROACT_MEDIA_ROOT: uploads are stored under it and "
                           "job paths are resolved against it")
@@ -399,6 +413,9 @@ def _settings_problems(settings: Settings) -> tuple[Path, Path]:
         uploads.mkdir(exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the upload directory {uploads}: {exc.strerror}") from None
+    if not os.access(uploads, os.W_OK | os.X_OK):
+        raise ConfigError(f"the upload directory {uploads} is not writable by this user "
+                          f"(uid {os.getuid()})")
     if not settings.api_auth_disabled and not (settings.api_token or "").strip():
         raise ConfigError("the HTTP API needs ZROACT_API_TOKEN (or ZROACT_API_AUTH_DISABLED=true "
                           "to run it without authentication)")
@@ -411,9 +428,8 @@ def _auth_dependency(settings: Settings) -> list[Any]:
         log.warning("HTTP API authentication is disabled (ZROACT_API_AUTH_DISABLED)")
         return []
     expected = hashlib.sha256(settings.api_token.strip().encode("utf-8")).digest()
-    bearer = HTTPBearer(auto_error=False, description="The value of ZROACT_API_TOKEN.")
 
-    def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    def require_token(credentials: _Credentials) -> None:
         # Digests of equal length, compared in constant time; header bytes are latin-1 on the wire.
         given = hashlib.sha256(credentials.credentials.encode("latin-1", "replace")
                                if credentials else b"").digest()
@@ -427,7 +443,7 @@ def _auth_dependency(settings: Settings) -> list[Any]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API over the cluster behind ``settings.redis_url``; ConfigError if it cannot serve."""
     settings = settings or get_settings()
-    root, uploads = _settings_problems(settings)
+    root, uploads = _check_settings(settings)
     api = _Api(settings, Client(settings=settings), root, uploads,
                redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2),
                max_field=max(64 * 1024, 4 * settings.max_prompt_chars + 16))
@@ -495,7 +511,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @v1.get("/jobs/{job_id}/report", response_model=JobReport,
             responses={**_errors(401, 404, 503), 409: {
                 "model": ReportPending,
-                "description": "The job has not ended: no report yet (body: its status)"}})
+                "description": "The job has not ended: no report yet (body: its status)",
+                "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                            "description": "Seconds before asking again"}}}})
     def job_report(job_id: str) -> Any:
         """The report (docs/report.schema.json) once the job has ended; 409 with the status before."""
         job = Job(api.client, job_id)
@@ -548,9 +566,12 @@ async def _submit_upload(api: _Api, request: Request) -> JobAccepted:
         try:
             form = await reader.read(request, boundary)
         except Reject as exc:
-            if exc.status == 413:  # stop reading: answer now and close the connection
-                exc.headers = {"Connection": "close"}
+            if not reader.ended:  # the rest of the body stays unread: answer, then hang up
+                exc.headers = {**(exc.headers or {}), "Connection": "close"}
             raise
+        except ClientDisconnect:
+            log.info("upload abandoned by the client after %d bytes", reader.form.size)
+            raise Reject(400, "the client went away during the upload") from None
         if (form.upload is None) == ("path" not in form.fields):
             raise Reject(422, "give exactly one of the form fields video (a file) and path")
         fields = _check_fields({k: v for k, v in form.fields.items() if k != "path"})
@@ -588,7 +609,7 @@ async def _submit_path(api: _Api, request: Request, kind: str) -> JobAccepted:
         raise Reject(400, "malformed application/x-www-form-urlencoded body (UTF-8, at most "
                           f"{len(FORM_FIELDS)} fields)") from None
     job = await _submit_checked(api, fields.path, fields.path, fields)
-    log.info("job %s accepted: path %s", job.job_id, fields.path)
+    log.info("job %s accepted: path %r", job.job_id, fields.path)
     return job
 
 
@@ -598,8 +619,7 @@ async def _submit_checked(api: _Api, path: str, name: str, fields: JobRequest) -
         check_prompt(api.settings.prompt if fields.prompt is None else fields.prompt,
                      api.settings.max_prompt_chars)
         video = api.check_video(path, name)
-        # fields.priority is validated (0..9) but not used: Client.submit has no priority yet.
-        return api.submit(video, fields.prompt)
+        return api.submit(video, fields.prompt, fields.priority)
 
     try:
         job = await run_in_threadpool(check_and_submit)

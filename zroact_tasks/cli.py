@@ -204,6 +204,17 @@ def cancel(job_id: str, redis_url: str | None) -> None:
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", type=int, default=8080, show_default=True)
+@handles_errors
+def api(host: str, port: int) -> None:
+    """Serve the HTTP job API (docs/api.md): upload, status, report, cancel."""
+    from .api import serve
+
+    serve(_settings(), host=host, port=port)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option("--port", type=int, default=9808, show_default=True)
 @click.option("--redis-url", help="The cluster's Redis [ZROACT_REDIS_URL].")
 @handles_errors
