@@ -380,7 +380,7 @@ def test_every_zroact_process_shares_the_cluster_settings():
     env_example = read_env_file(ENV_EXAMPLE)
     zroact = {n: environment(s) for n, s in compose["services"].items()
               if any(k.startswith("ZROACT_") for k in environment(s))}
-    assert set(zroact) == {"stage1", "stage2", "control", "flower", "api"}
+    assert set(zroact) == {"stage1", "stage2", "control", "flower", "api", "metrics"}
     for key in SHARED_SETTINGS:
         assert len({env.get(key) for env in zroact.values()}) == 1, key
     url = zroact["control"]["ZROACT_REDIS_URL"]
