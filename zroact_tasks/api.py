@@ -416,7 +416,8 @@ def _check_settings(settings: Settings) -> tuple[Path, Path]:
     if not os.access(uploads, os.W_OK | os.X_OK):
         raise ConfigError(f"the upload directory {uploads} is not writable by this user "
                           f"(uid {os.getuid()})")
-    if not settings.api_auth_disabled and not (settings.api_token or "").strip():
+    token = settings.api_token.get_secret_value() if settings.api_token else ""
+    if not settings.api_auth_disabled and not token.strip():
         raise ConfigError("the HTTP API needs ZROACT_API_TOKEN (or ZROACT_API_AUTH_DISABLED=true "
                           "to run it without authentication)")
     return root, uploads
@@ -427,7 +428,7 @@ def _auth_dependency(settings: Settings) -> list[Any]:
     if settings.api_auth_disabled:
         log.warning("HTTP API authentication is disabled (ZROACT_API_AUTH_DISABLED)")
         return []
-    expected = hashlib.sha256(settings.api_token.strip().encode("utf-8")).digest()
+    expected = hashlib.sha256(settings.api_token.get_secret_value().strip().encode("utf-8")).digest()
 
     def require_token(credentials: _Credentials) -> None:
         # Digests of equal length, compared in constant time; header bytes are latin-1 on the wire.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 STAGE2_CONCURRENCY_RANGE = (2, 3)
@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(4000, ge=1)
     """Longest prompt accepted."""
 
-    api_token: str | None = None
+    api_token: SecretStr | None = None
     """Bearer token the HTTP API requires (``zroact api``); required unless auth is disabled."""
     api_auth_disabled: bool = False
     """Run the HTTP API without authentication (only when set explicitly)."""
