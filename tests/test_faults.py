@@ -25,7 +25,7 @@ def test_a_stage1_failure_fails_only_its_slot(redis_server, standin, assets, tmp
         while job.status().stage1_total == 0 and time.monotonic() < deadline:  # ingest done
             time.sleep(0.05)
         r = redis.Redis.from_url(url)
-        assert r.hdel(frames_key(job.id), "21") == 1  # only in the clip of keyframe 29 (slot 0)
+        assert r.hdel(frames_key(job.id), "s1:21") == 1  # only in the clip of keyframe 29 (slot 0)
         cluster.wait_ready(client.app, workers=[cluster.add_worker("stage1")])
         report = job.wait(timeout=120)
         validate_report(report.model_dump(mode="json"))

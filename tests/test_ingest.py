@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+import cv2
+import numpy as np
 import pytest
 import redis
 
@@ -55,15 +57,21 @@ def test_slots_leave_with_their_frames_stored(assets, store, redis_server):
     spec = spec_for(assets["video"], "ingest-ok")
 
     def send(j, kfs):  # each slot is sent only once every frame of its clips is in the store
-        fields = {int(f) for f in r.hkeys(frames_key(spec.job_id))}
-        seen_stored.append(all(set(clips.clip_frames(k)) <= fields for k in kfs))
+        fields = {f.decode() for f in r.hkeys(frames_key(spec.job_id))}
+        seen_stored.append(all({f"s1:{i}" for i in clips.clip_frames(k)} <= fields
+                               and str(k) in fields for k in kfs))
 
     result = ingest(spec, Settings(), store, send)
     assert len(seen_stored) == 14 and all(seen_stored)
     assert result.keyframes == clips.keyframe_indices(419, 10)
     assert result.slots[0] == [9, 19, 29] and result.slots[-1] == [399, 409]
-    stored = {int(f) for f in r.hkeys(frames_key(spec.job_id))}
-    assert stored == {f for f in range(419) if clips.is_needed(f, 10)}
+    stored = {f.decode() for f in r.hkeys(frames_key(spec.job_id))}
+    # Stage 1 copies of every frame a clip uses; full-resolution copies of the keyframes only.
+    assert stored == ({f"s1:{f}" for f in range(419) if clips.is_needed(f, 10)}
+                      | {str(k) for k in result.keyframes})
+    small = cv2.imdecode(np.frombuffer(r.hget(frames_key(spec.job_id), "s1:9"), np.uint8), 1)
+    full = cv2.imdecode(np.frombuffer(r.hget(frames_key(spec.job_id), "9"), np.uint8), 1)
+    assert small.shape == (224, 224, 3) and full.shape == (240, 320, 3)
     assert 0 < r.ttl(frames_key(spec.job_id)) <= 600
     assert result.warnings == []
 

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     from filling the queue ahead of jobs submitted after it: work interleaves across jobs."""
     default_priority: int = Field(5, ge=0, le=9)
     """Priority of jobs submitted without one (0 = most urgent)."""
+    stage1_frame_size: int = Field(224, ge=0)
+    """Ingest stores Stage 1's frames resized to this square (the model's input: YOWOv3 224), so
+    Stage 1 never decodes full-resolution frames; 0 = store them at the original size."""
     frame_jpeg_quality: int = Field(95, ge=50, le=100)
     """JPEG quality of frames held in the store (they are also what Stage 2 sends)."""
     stage2_max_side: int | None = Field(None, ge=32)

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import cv2
+
 from ..config import Settings
 from ..errors import VideoDecodeError, VideoTooShortError
 from ..media import clips, video
@@ -32,21 +34,33 @@ class IngestResult:
 
 
 class _Buffer:
-    def __init__(self, store: FrameStore, job_id: str) -> None:
-        self.store, self.job_id, self.frames = store, job_id, {}
+    """Encoded frames waiting for one pipelined write per kind."""
 
-    def add(self, index: int, data: bytes) -> None:
-        self.frames[index] = data
-        if len(self.frames) >= FLUSH_EVERY:
+    def __init__(self, store: FrameStore, job_id: str) -> None:
+        self.store, self.job_id = store, job_id
+        self.frames: dict[str, dict[int, bytes]] = {"stage1": {}, "full": {}}
+
+    def add(self, kind: str, index: int, data: bytes) -> None:
+        self.frames[kind][index] = data
+        if len(self.frames["stage1"]) >= FLUSH_EVERY:
             self.flush()
 
     def flush(self) -> None:
-        self.store.put_many(self.job_id, self.frames)
-        self.frames = {}
+        for kind, frames in self.frames.items():
+            self.store.put_many(self.job_id, frames, kind)
+        self.frames = {"stage1": {}, "full": {}}
+
+
+def stage1_copy(frame, size: int):
+    """The frame as Stage 1 will read it: resized to the model's input, as preprocessing would."""
+    if size <= 0:
+        return frame
+    return cv2.resize(frame, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
 def ingest(spec: JobSpec, settings: Settings, store: FrameStore, send_slot: SendSlot,
-           should_stop: Callable[[], bool] = lambda: False) -> IngestResult:
+           should_stop: Callable[[], bool] = lambda: False,
+           on_probe: Callable[[video.Probe], None] = lambda probe: None) -> IngestResult:
     """Decode ``spec.video``, store needed frames, call ``send_slot(j, keyframes)`` per slot.
 
     Raises an InputError subclass when the video cannot be used; in that case no slot has been
@@ -56,6 +70,7 @@ def ingest(spec: JobSpec, settings: Settings, store: FrameStore, send_slot: Send
     path = video.resolve_video_path(spec.video, settings.media_root)
     info = video.probe(path, max_pixels=settings.max_pixels, max_frames=settings.max_frames,
                        max_duration_s=settings.max_duration_s)
+    on_probe(info)
     stride, size = spec.keyframe_stride, spec.slot_size
     buffer = _Buffer(store, spec.job_id)
     keyframes: list[int] = []
@@ -64,10 +79,13 @@ def ingest(spec: JobSpec, settings: Settings, store: FrameStore, send_slot: Send
     decoded = 0
     for index, frame in video.decode(path, settings.max_frames):
         decoded = index + 1
+        quality = settings.frame_jpeg_quality
         if clips.is_needed(index, stride, spec.clip_length, spec.sampling_rate):
-            buffer.add(index, video.encode_jpeg(frame, settings.frame_jpeg_quality))
+            small = stage1_copy(frame, settings.stage1_frame_size)
+            buffer.add("stage1", index, video.encode_jpeg(small, quality))
         if not clips.is_keyframe(index, stride):
             continue
+        buffer.add("full", index, video.encode_jpeg(frame, quality))  # what Stage 2 sends
         keyframes.append(index)
         pending.append(index)
         if len(pending) == size:

@@ -39,18 +39,20 @@ def fail_job(job_id: str, exc: BaseException, *, input_error: bool = False) -> N
         pipeline.send_finalize(app, job_id)
 
 
-def slot_params(spec: JobSpec) -> dict:
+def slot_params(spec: JobSpec, frame_size: list[int]) -> dict:
     return {"clip_length": spec.clip_length, "sampling_rate": spec.sampling_rate,
             "score_threshold": spec.score_threshold, "nms_iou": spec.nms_iou,
-            "max_detections": spec.max_detections}
+            "max_detections": spec.max_detections, "frame_size": frame_size}
 
 
-def pump(spec: JobSpec, stage2: bool, offer: dict | None = None, release: dict | None = None) -> None:
+def pump(spec: JobSpec, stage2: bool, frame_size: list[int], offer: dict | None = None,
+         release: dict | None = None) -> None:
     """Send the job's slots its window has room for (see JobStore.pump_slots)."""
     settings = get_settings()
+    params = slot_params(spec, frame_size)
     for item in resources.jobs().pump_slots(spec.job_id, settings.job_window_slots, offer, release):
         keyframes = item["keyframes"]
-        pipeline.send_slot(app, spec.job_id, item["slot"], keyframes, params=slot_params(spec),
+        pipeline.send_slot(app, spec.job_id, item["slot"], keyframes, params=params,
                            judge=stage2 and len(keyframes) == spec.slot_size,
                            batch=settings.stage1_batch, priority=spec.priority)
 
@@ -62,7 +64,7 @@ def release_slot(job_id: str, slot: int, keyframes: list[int]) -> None:
     if "abort" in meta:
         return
     pump(JobSpec.model_validate_json(meta["spec"]), meta.get("stage2") == "true",
-         release={"slot": slot, "keyframes": keyframes})
+         json.loads(meta["frame_size"]), release={"slot": slot, "keyframes": keyframes})
 
 
 @app.task(name=pipeline.INGEST, bind=True)
@@ -76,9 +78,14 @@ def ingest_video(self, spec_data: dict) -> dict:
     jobs.update(job_id, state="running", ingest_started=str(time.time()),
                 stage2="true" if stage2 else "false")
     seen = {"keyframes": 0, "slots": 0}
+    frame_size: list[int] = []
+
+    def on_probe(probe) -> None:
+        frame_size[:] = [probe.width, probe.height]
+        jobs.update(job_id, frame_size=json.dumps(frame_size))
 
     def send_slot(slot: int, keyframes: list[int]) -> None:
-        pump(spec, stage2, offer={"slot": slot, "keyframes": keyframes})
+        pump(spec, stage2, frame_size, offer={"slot": slot, "keyframes": keyframes})
         seen["keyframes"] += len(keyframes)
         judge = stage2 and len(keyframes) == spec.slot_size
         seen["slots"] += judge
@@ -87,7 +94,7 @@ def ingest_video(self, spec_data: dict) -> dict:
     try:
         jobs.check_delivery(self.request.id, settings.max_task_deliveries)
         result = ingest(spec, settings, resources.frames(), send_slot,
-                        should_stop=lambda: jobs.cancel_requested(job_id))
+                        should_stop=lambda: jobs.cancel_requested(job_id), on_probe=on_probe)
     except InputError as exc:
         log.info("job %s: bad input: %s", job_id, exc)
         fail_job(job_id, exc, input_error=True)

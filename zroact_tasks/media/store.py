@@ -13,8 +13,15 @@ import redis
 from ..errors import FrameMissingError
 
 
+FIELD_PREFIX = {"full": "", "stage1": "s1:"}
+
+
 def frames_key(job_id: str) -> str:
     return f"zroact:job:{job_id}:frames"
+
+
+def frame_field(index: int, kind: str = "full") -> str:
+    return f"{FIELD_PREFIX[kind]}{index}"
 
 
 class FrameStore:
@@ -22,19 +29,19 @@ class FrameStore:
         self._redis = client  # must not decode responses: values are bytes
         self._ttl_s = ttl_s
 
-    def put_many(self, job_id: str, frames: dict[int, bytes]) -> None:
+    def put_many(self, job_id: str, frames: dict[int, bytes], kind: str = "full") -> None:
         if not frames:
             return
         key = frames_key(job_id)
         pipe = self._redis.pipeline(transaction=False)
-        pipe.hset(key, mapping={str(i): data for i, data in frames.items()})
+        pipe.hset(key, mapping={frame_field(i, kind): data for i, data in frames.items()})
         pipe.expire(key, self._ttl_s)
         pipe.execute()
 
-    def get_many(self, job_id: str, indices: list[int]) -> dict[int, bytes]:
+    def get_many(self, job_id: str, indices: list[int], kind: str = "full") -> dict[int, bytes]:
         """Every requested frame, in one round trip; FrameMissingError if any is absent."""
         unique = sorted(set(indices))
-        values = self._redis.hmget(frames_key(job_id), [str(i) for i in unique])
+        values = self._redis.hmget(frames_key(job_id), [frame_field(i, kind) for i in unique])
         missing = [i for i, v in zip(unique, values) if v is None]
         if missing:
             raise FrameMissingError(job_id, missing)

@@ -30,7 +30,8 @@ def detect_keyframes(detector: Detector, store: FrameStore, job_id: str, keyfram
                                         f"{detector.clip_length}")
     clip_indices = {kf: clip_frames(kf, length, rate) for kf in keyframes}
     needed = sorted({i for idx in clip_indices.values() for i in idx})
-    frames = {i: decode_jpeg(data) for i, data in store.get_many(job_id, needed).items()}
+    stored = store.get_many(job_id, needed, kind="stage1")  # already at (or near) model size
+    frames = {i: decode_jpeg(data) for i, data in stored.items()}
     batch = np.stack([
         preprocess_clip([frames[i] for i in clip_indices[kf]], detector.input_height,
                         detector.input_width)
@@ -39,8 +40,8 @@ def detect_keyframes(detector: Detector, store: FrameStore, job_id: str, keyfram
     output = (infer or detector.infer)(batch)
     ended = time.time()
     results = []
+    width, height = params["frame_size"]  # the original video's, for mapping boxes back
     for n, kf in enumerate(keyframes):
-        height, width = frames[kf].shape[:2]
         detections = postprocess(
             output[n], frame_size=(width, height),
             input_size=(detector.input_width, detector.input_height),

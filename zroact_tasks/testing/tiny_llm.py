@@ -161,6 +161,8 @@ class RealVLLMServer:
                "--model", self.model_dir, "--served-model-name", self.model,
                "--host", "127.0.0.1", "--port", str(self.port),
                "--max-model-len", str(self.max_model_len), "--dtype", "float32",
+               # No torch.compile warm-up: ~30 s less start on 2 cores; same HTTP behaviour.
+               "--enforce-eager",
                *self.extra_args]
         env = {**os.environ,
                "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; the default would take 4+
