@@ -79,6 +79,8 @@ def ingest(spec: JobSpec, settings: Settings, store: FrameStore, send_slot: Send
     decoded = 0
     for index, frame in video.decode(path, settings.max_frames):
         decoded = index + 1
+        if index % FLUSH_EVERY == 0 and should_stop():
+            break
         quality = settings.frame_jpeg_quality
         if clips.is_needed(index, stride, spec.clip_length, spec.sampling_rate):
             small = stage1_copy(frame, settings.stage1_frame_size)

@@ -103,6 +103,8 @@ def ingest_video(self, spec_data: dict) -> dict:
         log.exception("job %s: ingest failed", job_id)
         fail_job(job_id, exc)
         return {"job_id": job_id, "error": one_line(exc)}
+    if jobs.cancel_requested(job_id):  # stopped mid-way: frames written after finalize go too
+        resources.frames().delete(job_id)
     full_slots = sum(1 for s in result.slots if len(s) == spec.slot_size)
     jobs.update(
         job_id, video=result.video.model_dump_json(), keyframes=json.dumps(result.keyframes),
