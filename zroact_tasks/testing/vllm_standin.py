@@ -63,15 +63,18 @@ DIFFERENCES = (
     "/metrics has only the running/waiting/KV-cache gauges; X-Request-Id is ignored",
     "/version reports a label for the imitated generation, not a real release",
     "vLLM 0.10.1-0.15 nest errors like 'nested' but name the message field reasoning_content "
-    "(0.11-0.15 send both); the two generations imitated are 0.16 and <=0.10.0",
+    "(0.11-0.15 send both); the two generations imitated are 0.32 (nested) and <=0.10.0 (flat)",
+    "pydantic validation messages (no messages, json_schema without name) keep tuple locs and "
+    "echo the input; vLLM 0.32 prints dotted locs, '<dict of N items>' and sets param",
 )
 # Per error shape: the vLLM generation it imitates (labels, not exact releases).
 _PROFILES = {
-    "nested": {"version": "0.16.0+standin", "reasoning": "reasoning", "token_ids": True,
-               "validation_type": "Bad Request",
+    # "nested" was checked against a real vLLM 0.32 (tests/test_vllm_contract.py).
+    "nested": {"version": "0.32.0+standin", "reasoning": "reasoning", "token_ids": True,
+               "validation_type": "Bad Request", "modern": True,
                "cache_metrics": ("vllm:kv_cache_usage_perc",)},
     "flat": {"version": "0.10.0+standin", "reasoning": "reasoning_content", "token_ids": False,
-             "validation_type": "BadRequestError",
+             "validation_type": "BadRequestError", "modern": False,
              "cache_metrics": ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc")},
 }
 
@@ -309,15 +312,20 @@ def _pydantic_errors(body: Any) -> list[dict]:
     return errors
 
 
-def _check_request(body: dict, model: str, max_images: int, max_model_len: int) -> None:
-    """vLLM's checks after pydantic, in its order: model, stream, images, context length."""
+def _check_request(body: dict, model: str, max_images: int, max_model_len: int,
+                   modern: bool = True) -> None:
+    """vLLM's checks after pydantic, in its order: model, stream, images, context length.
+    ``modern``: vLLM 0.32's wording and limits; else 0.10's."""
     if body.get("model") and body["model"] != model:  # no model means the served one
-        raise _Reject(404, f"The model `{body['model']}` does not exist.", "NotFoundError", "model")
+        aliases = f" Valid aliases: {model}." if modern else ""
+        raise _Reject(404, f"The model `{body['model']}` does not exist.{aliases}",
+                      "NotFoundError", "model")
     if body.get("stream"):
         raise _Reject(400, "The vLLM stand-in does not implement stream=true.", param="stream")
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and not fmt.get("json_schema"):
-        raise _Reject(400, "response_format of type json_schema needs a json_schema object.")
+        raise _Reject(400, "When response_format type is 'json_schema', the 'json_schema' field "
+                           "must be provided. (parameter=response_format)", param="response_format")
     urls = _image_urls(body)
     if len(urls) > max_images:
         raise _Reject(400, f"At most {max_images} image(s) may be provided in one prompt.",
@@ -331,6 +339,12 @@ def _check_request(body: dict, model: str, max_images: int, max_model_len: int) 
                            "length of the input messages.", param="input_tokens", value=tokens,
                       preprocessing=True)
     asked = body.get("max_completion_tokens") or body.get("max_tokens")
+    if modern:  # 0.32 refuses only max_tokens past the context; otherwise generation just stops
+        if isinstance(asked, int) and asked > max_model_len:
+            raise _Reject(400, f"max_tokens={asked} cannot be greater than max_model_len="
+                               f"{max_model_len}. Please request fewer output tokens.",
+                          param="max_tokens", value=asked)
+        return
     if isinstance(asked, int) and tokens + asked > max_model_len:
         raise _Reject(400, f"'max_tokens' or 'max_completion_tokens' is too large: {asked}. This "
                            f"model's maximum context length is {max_model_len} tokens and your "
@@ -491,7 +505,8 @@ class VLLMStandIn:
         if errors := _pydantic_errors(body):
             return self._validation_error(errors)
         try:
-            _check_request(body, self.model, self.max_images, self.max_model_len)
+            _check_request(body, self.model, self.max_images, self.max_model_len,
+                           _PROFILES[self.error_shape]["modern"])
         except _Reject as reject:
             return self._error(reject)
         delay = self.latency_s * (1 + self.latency_growth * (concurrency - 1))
@@ -505,6 +520,9 @@ class VLLMStandIn:
             content = _off_schema(body)
         elif fault == "length":
             content, finish = content[: max(1, len(content) // 2)], "length"
+        asked = body.get("max_completion_tokens") or body.get("max_tokens")
+        if isinstance(asked, int) and len(content) > 4 * asked:  # ~4 characters a token
+            content, finish = content[: 4 * asked], "length"
         return ChatResponse(200, self._completion(body, content, finish))
 
     def _sleep_until_released(self, seconds: float) -> bool:
@@ -522,9 +540,13 @@ class VLLMStandIn:
         for i in range(n):
             message = {"role": "assistant", "content": content, "refusal": None,
                        "annotations": None, "audio": None, "function_call": None,
-                       "tool_calls": [], profile["reasoning"]: None}
+                       profile["reasoning"]: None}
+            if not profile["modern"]:
+                message["tool_calls"] = []  # 0.32 leaves an empty list out
             choice = {"index": i, "message": message, "logprobs": None, "finish_reason": finish,
                       "stop_reason": None}
+            if profile["modern"]:
+                choice["routed_experts"] = None
             choices.append({**choice, "token_ids": None} if profile["token_ids"] else choice)
         response = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                     "created": int(time.time()), "model": self.model, "choices": choices,
@@ -535,6 +557,9 @@ class VLLMStandIn:
         if profile["token_ids"]:
             response["prompt_token_ids"] = None
         response["kv_transfer_params"] = None
+        if profile["modern"]:
+            response["usage"]["completion_tokens_details"] = None
+            response |= {"prompt_text": None, "ec_transfer_params": None, "metrics": None}
         return response
 
     def _error(self, r: _Reject) -> ChatResponse:
