@@ -57,10 +57,9 @@ def pump(spec: JobSpec, stage2: bool, frame_size: list[int], offer: dict | None 
                            batch=settings.stage1_batch, priority=spec.priority)
 
 
-def release_slot(job_id: str, slot: int, keyframes: list[int]) -> None:
+def release_slot(job_id: str, slot: int, keyframes: list[int], meta: dict | None = None) -> None:
     """A slot's Stage 1 is over: free its place in the window for the job's next slot."""
-    jobs = resources.jobs()
-    meta = jobs.meta(job_id)
+    meta = meta if meta is not None else resources.jobs().meta(job_id)
     if "abort" in meta:
         return
     pump(JobSpec.model_validate_json(meta["spec"]), meta.get("stage2") == "true",
@@ -120,22 +119,26 @@ def ingest_video(self, spec_data: dict) -> dict:
 @app.task(name=pipeline.SLOT_READY)
 def slot_ready(header: list[list[dict]], job_id: str, slot: int, keyframes: list[int],
                judge: bool) -> dict:
-    """Chord body: a slot's Stage 1 is done; enqueue its Stage 2 request (or close the slot)."""
-    release_slot(job_id, slot, keyframes)
+    """Chord body: a slot's Stage 1 is done; enqueue its Stage 2 request (or close the slot),
+    then let the job's next slot into the window. Stage 2 goes first: it is the latency users
+    wait on, and the window still holds other slots for Stage 1."""
+    meta = resources.jobs().meta(job_id)  # one read: spec, abort flag, Stage 2 switch, frame size
     results = [r for batch in header for r in batch]
     failed = [r for r in results if r.get("error")]
+    sent = False
     if failed:
         first = failed[0]
         record_group(job_id, slot, {"error": f"stage 1 failed on frame {first['keyframe']}: "
                                              f"{first['error']}"})
-        return {"slot": slot, "stage2": False}
-    jobs = resources.jobs()
-    if judge and not jobs.cancel_requested(job_id):
+    elif judge and "abort" not in meta:
         detections = {str(r["keyframe"]): r["detections"] for r in results}
-        pipeline.send_judge(app, job_id, slot, keyframes, detections, jobs.spec(job_id).priority)
-        return {"slot": slot, "stage2": True}
-    record_group(job_id, slot, {"stage2": False})
-    return {"slot": slot, "stage2": False}
+        priority = JobSpec.model_validate_json(meta["spec"]).priority
+        pipeline.send_judge(app, job_id, slot, keyframes, detections, priority)
+        sent = True
+    else:
+        record_group(job_id, slot, {"stage2": False})
+    release_slot(job_id, slot, keyframes, meta)
+    return {"slot": slot, "stage2": sent}
 
 
 @app.task(name=pipeline.SLOT_FAILED)
