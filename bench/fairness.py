@@ -3,7 +3,7 @@
     python -m bench.fairness [--scale 0.1] [--long-frames 18000] [--short-frames 300]
 
 A 10-minute video (18,000 frames at 30 fps: 1,800 clips) is submitted first, a 10-second one
-(300 frames: 30 clips) right after, on one simulated GPU (163 ms a clip x scale) and one Stage 2
+(300 frames: 30 clips) as soon as the long one is ingested, on one simulated GPU (163 ms a clip x scale) and one Stage 2
 worker (3 in flight on one stand-in, 2.07 s x scale a request). Without a window the long job's
 clips fill the Stage 1 queue first; with ``JOB_WINDOW_SLOTS`` each job has only that many slots
 queued, so the short job's clips interleave with the long one's.
@@ -44,11 +44,9 @@ def scenario(window: int, *, long_video: Path | None, short: Path, model: Path, 
         try:
             cluster.wait_ready(client.app)
             first = client.submit(long_video) if long_video else None
-            if first is not None:  # the long job's ingest has queued its first slots
-                while first.status().stage1_total == 0 and first.status().stage2_total == 0 \
-                        and first.status().state == "queued":
+            if first is not None:  # the long job is fully ingested: all its slots are offered
+                while first.status().stage1_total == 0:
                     time.sleep(0.05)
-                time.sleep(1.0)
             start = time.time()
             report = client.submit(short).wait(timeout=3600)
             short_latency = time.time() - start
