@@ -45,7 +45,7 @@ def scenario(window: int, *, long_video: Path | None, short: Path, model: Path, 
             cluster.wait_ready(client.app)
             first = client.submit(long_video) if long_video else None
             if first is not None:  # the long job is fully ingested: all its slots are offered
-                while first.status().stage1_total == 0:
+                while "keyframes_total" not in client.jobs.meta(first.id):
                     time.sleep(0.05)
             start = time.time()
             report = client.submit(short).wait(timeout=3600)
