@@ -15,7 +15,7 @@ from ..config import get_settings
 from ..control.tasks import one_line, record_group
 from ..errors import VLMError, ZroactError
 from ..media.video import decode_jpeg, encode_jpeg
-from ..models import Detection
+from ..models import Detection, JobSpec
 from .prompts import slot_text
 from .vlm import VLMClient
 
@@ -57,7 +57,8 @@ def judge_slot(self, job_id: str, slot: int, keyframes: list[int],
         if jobs.cancel_requested(job_id):
             raise ZroactError("cancelled")
         jobs.check_delivery(self.request.id, settings.max_task_deliveries)
-        spec, meta = jobs.spec(job_id), jobs.meta(job_id)
+        meta = jobs.meta(job_id)  # one read: the spec and the video are fields of it
+        spec = JobSpec.model_validate_json(meta["spec"])
         fps = json.loads(meta["video"])["fps"] if "video" in meta else 30.0
         stored = resources.frames().get_many(job_id, keyframes)
         images = [_fit(stored[kf], settings.stage2_max_side, settings.frame_jpeg_quality)
