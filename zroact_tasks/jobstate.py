@@ -6,7 +6,11 @@ Keys (all under ``zroact:job:{id}``, all with a TTL):
 - ``…:kf`` (hash): keyframe index -> its Stage 1 result (JSON). Written by Stage 1 tasks.
 - ``…:groups`` (hash): group (slot) index -> its final record (JSON), first writer wins.
 - ``…:groups_done`` (set) and ``…:done`` (string): the barrier (see ``record_group``).
+- ``…:pending`` (list) and ``…:inflight`` (set): the job's window of slots (see ``pump_slots``).
 - ``…:frames``: the frame store (media/store.py).
+
+Cluster-wide: ``zroact:deadlines`` (unfinished jobs by deadline), ``zroact:deliveries:{task}``
+(poison-task counts, with a TTL) and the ``zroact:metrics:*`` counters.
 
 A plain counter is not a safe barrier when tasks are redelivered (it fired early in our
 measurements, ``CELERY-NOTES.md``); a set of finished groups plus ``SET NX`` stays exact.
