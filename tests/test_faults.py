@@ -66,9 +66,11 @@ def test_twenty_jobs_at_once_complete_and_leave_no_key_without_ttl(redis_server,
             assert not r.exists(frames_key(job.id))
         # Every key left carries a TTL: reports, job records, Celery's task metas, chord keys.
         # Not a job's: kombu's bindings and unacked bookkeeping, the deadline index, counters.
-        broker = (b"_kombu.binding", b"unacked", b"zroact:deadlines", b"zroact:metrics:")
+        broker = (b"_kombu.binding", b"unacked", b"zroact:deadlines", b"zroact:metrics:",
+                  b"zroact:frames:")  # the budget's counters (0 once every job ended)
         no_ttl = [k for k in r.scan_iter() if r.ttl(k) == -1 and not k.startswith(broker)]
         assert no_ttl == []
+        assert int(r.get("zroact:frames:bytes") or 0) == 0
     finally:
         cluster.stop()
         client.close()
@@ -128,3 +130,44 @@ def test_vlm_down_with_default_retries_ends_the_job_with_errors(redis_server, as
     finally:
         cluster.stop()
         client.close()
+
+
+def test_frame_budget_holds_with_twenty_long_videos_queued(redis_server, assets, tmp_path):
+    """Backpressure: ingests wait (re-queued) while the frames held would pass the budget."""
+    import threading
+
+    from zroact_tasks.media.store import USED
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/14"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    budget = 4_000_000  # about two of these videos' estimates at once
+    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_FRAME_BUDGET_BYTES": str(budget),
+           "ZROACT_INGEST_RETRY_S": "0.2"}
+    cluster, client = start_cluster(url, env, tmp_path)
+    peak = {"held": 0, "memory": 0}
+    stop = threading.Event()
+    baseline = r.info("memory")["used_memory"]
+
+    def watch() -> None:
+        while not stop.wait(0.02):
+            peak["held"] = max(peak["held"], int(r.get(USED) or 0))
+            peak["memory"] = max(peak["memory"], r.info("memory")["used_memory"] - baseline)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        jobs = [client.submit(assets["video"]) for _ in range(20)]  # 419 frames each
+        reports = [job.wait(timeout=300) for job in jobs]
+    finally:
+        stop.set()
+        watcher.join(5)
+        cluster.stop()
+        client.close()
+    assert [rep.status for rep in reports] == ["succeeded"] * 20
+    assert 0 < peak["held"] <= budget  # the frames held never passed the budget
+    # Redis grew by the frames held plus the jobs' bookkeeping (messages, results, events: a few
+    # MB for 20 jobs), far below the ~28 MB the 20 videos' frames would take without the budget.
+    assert peak["memory"] < budget + 8_000_000
+    assert int(r.get(USED) or 0) == 0 and not r.hgetall("zroact:frames:reserved")
+    print(f"peak frames held {peak['held']} B, Redis growth {peak['memory']} B, budget {budget} B")

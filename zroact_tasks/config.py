@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     stage1_frame_size: int = Field(224, ge=0)
     """Ingest stores Stage 1's frames resized to this square (the model's input: YOWOv3 224), so
     Stage 1 never decodes full-resolution frames; 0 = store them at the original size."""
+    frame_budget_bytes: int = Field(2 * 1024**3, ge=0)
+    """Backpressure: frames held in Redis for all jobs stay under this; an ingest that would pass
+    it waits (re-queued every ``INGEST_RETRY_S``) until jobs drain. 0 = no budget."""
+    ingest_retry_s: float = Field(1.0, gt=0)
+    """How often a waiting ingest asks again for room in the frame budget."""
     frame_jpeg_quality: int = Field(95, ge=50, le=100)
     """JPEG quality of frames held in the store (they are also what Stage 2 sends)."""
     stage2_max_side: int | None = Field(None, ge=32)

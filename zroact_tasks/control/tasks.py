@@ -12,7 +12,7 @@ from ..config import get_settings
 from ..errors import InputError
 from ..models import JobError, JobSpec
 from . import deadlines  # noqa: F401  (connects the deadline sweeper to control workers)
-from .ingest import ingest
+from .ingest import estimate_frame_bytes, ingest
 from .report import build_report
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,18 @@ def release_slot(job_id: str, slot: int, keyframes: list[int], meta: dict | None
          json.loads(meta["frame_size"]), release={"slot": slot, "keyframes": keyframes})
 
 
-@app.task(name=pipeline.INGEST, bind=True)
+class _NoRoom(Exception):
+    """The frame budget has no room for this ingest yet (backpressure)."""
+
+
+@app.task(name=pipeline.INGEST, bind=True, max_retries=None)
 def ingest_video(self, spec_data: dict) -> dict:
     """Decode the video, store its frames and send one chord per slot."""
     spec, settings, jobs = JobSpec.model_validate(spec_data), get_settings(), resources.jobs()
     job_id = spec.job_id
     if jobs.cancel_requested(job_id):
         return {"job_id": job_id, "skipped": "job already stopped"}
+    store, admitted = resources.frames(), []
     stage2 = settings.vlm_url is not None
     jobs.update(job_id, state="running", ingest_started=str(time.time()),
                 stage2="true" if stage2 else "false")
@@ -82,6 +87,11 @@ def ingest_video(self, spec_data: dict) -> dict:
     def on_probe(probe) -> None:
         frame_size[:] = [probe.width, probe.height]
         jobs.update(job_id, frame_size=json.dumps(frame_size))
+        if settings.frame_budget_bytes:  # backpressure: wait outside a worker process for room
+            estimate = estimate_frame_bytes(probe, spec, settings)
+            if not store.admit(job_id, estimate, settings.frame_budget_bytes):
+                raise _NoRoom()
+            admitted.append(estimate)
 
     def send_slot(slot: int, keyframes: list[int]) -> None:
         pump(spec, stage2, frame_size, offer={"slot": slot, "keyframes": keyframes})
@@ -91,9 +101,14 @@ def ingest_video(self, spec_data: dict) -> dict:
         jobs.update(job_id, keyframes_seen=str(seen["keyframes"]), slots_seen=str(seen["slots"]))
 
     try:
-        jobs.check_delivery(self.request.id, settings.max_task_deliveries)
-        result = ingest(spec, settings, resources.frames(), send_slot,
+        # Counted per retry: a deferred ingest comes back as a new delivery of the same id.
+        jobs.check_delivery(f"{self.request.id}:{self.request.retries}",
+                            settings.max_task_deliveries)
+        result = ingest(spec, settings, store, send_slot,
                         should_stop=lambda: jobs.cancel_requested(job_id), on_probe=on_probe)
+    except _NoRoom:
+        jobs.update(job_id, state="queued")
+        raise self.retry(countdown=settings.ingest_retry_s) from None
     except InputError as exc:
         log.info("job %s: bad input: %s", job_id, exc)
         fail_job(job_id, exc, input_error=True)
@@ -102,6 +117,9 @@ def ingest_video(self, spec_data: dict) -> dict:
         log.exception("job %s: ingest failed", job_id)
         fail_job(job_id, exc)
         return {"job_id": job_id, "error": one_line(exc)}
+    finally:
+        if admitted:  # the frames written are now counted as held
+            store.release(job_id)
     if jobs.cancel_requested(job_id):  # stopped mid-way: frames written after finalize go too
         resources.frames().delete(job_id)
     full_slots = sum(1 for s in result.slots if len(s) == spec.slot_size)

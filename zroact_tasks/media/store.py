@@ -24,18 +24,57 @@ def frame_field(index: int, kind: str = "full") -> str:
     return f"{FIELD_PREFIX[kind]}{index}"
 
 
+USED = "zroact:frames:bytes"
+"""Bytes of frames held for all jobs (the backpressure budget counts these)."""
+RESERVED = "zroact:frames:reserved"
+"""Hash: job -> bytes its admitted ingest still expects to write (see ``admit``). Per job, so a
+redelivered ingest overwrites its own reservation and the job's end clears it."""
+
+# Admit an ingest if its estimate fits in the budget beside what is held and reserved, or if
+# nothing is held at all (a video bigger than the budget still runs, alone).
+_ADMIT = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local reserved = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[2])) do reserved = reserved + tonumber(v) end
+reserved = reserved - tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or '0')
+if used + reserved + tonumber(ARGV[1]) <= tonumber(ARGV[2]) or used + reserved <= 0 then
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# Delete a job's frames and take their bytes off the global count, once.
+_DELETE = """
+local n = tonumber(redis.call('GET', KEYS[2]) or '0')
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HDEL', KEYS[4], ARGV[1])
+if n > 0 then redis.call('DECRBY', KEYS[3], n) end
+return n
+"""
+
+
+def _bytes_key(job_id: str) -> str:
+    return f"zroact:job:{job_id}:frames_bytes"
+
+
 class FrameStore:
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self._redis = client  # must not decode responses: values are bytes
         self._ttl_s = ttl_s
+        self._admit = client.register_script(_ADMIT)
+        self._delete = client.register_script(_DELETE)
 
     def put_many(self, job_id: str, frames: dict[int, bytes], kind: str = "full") -> None:
         if not frames:
             return
-        key = frames_key(job_id)
+        key, size = frames_key(job_id), sum(len(d) for d in frames.values())
         pipe = self._redis.pipeline(transaction=False)
         pipe.hset(key, mapping={frame_field(i, kind): data for i, data in frames.items()})
         pipe.expire(key, self._ttl_s)
+        pipe.incrby(_bytes_key(job_id), size)
+        pipe.expire(_bytes_key(job_id), self._ttl_s)
+        pipe.incrby(USED, size)
         pipe.execute()
 
     def get_many(self, job_id: str, indices: list[int], kind: str = "full") -> dict[int, bytes]:
@@ -48,4 +87,15 @@ class FrameStore:
         return dict(zip(unique, values))
 
     def delete(self, job_id: str) -> None:
-        self._redis.delete(frames_key(job_id))
+        self._delete(keys=[frames_key(job_id), _bytes_key(job_id), USED, RESERVED], args=[job_id])
+
+    def used_bytes(self) -> int:
+        return int(self._redis.get(USED) or 0)
+
+    def admit(self, job_id: str, estimate: int, budget: int) -> bool:
+        """Reserve ``estimate`` bytes for a job's ingest if the budget has room (``_ADMIT``)."""
+        return bool(self._admit(keys=[USED, RESERVED], args=[estimate, budget, job_id]))
+
+    def release(self, job_id: str) -> None:
+        """The job's ingest ended: its frames are now counted as held, not reserved."""
+        self._redis.hdel(RESERVED, job_id)
