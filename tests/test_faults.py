@@ -171,3 +171,27 @@ def test_frame_budget_holds_with_twenty_long_videos_queued(redis_server, assets,
     assert peak["memory"] < budget + 8_000_000
     assert int(r.get(USED) or 0) == 0 and not r.hgetall("zroact:frames:reserved")
     print(f"peak frames held {peak['held']} B, Redis growth {peak['memory']} B, budget {budget} B")
+
+
+def test_priority_goes_first_on_the_queues(redis_server, standin, assets, tmp_path):
+    """Two jobs wait for a Stage 1 worker; the urgent one (0), submitted second, runs first."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/15"
+    redis.Redis.from_url(url).flushdb()
+    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url}
+    cluster, client = start_cluster(url, env, tmp_path)
+    try:
+        cluster.remove_worker([w for w in cluster.workers if w.role == "stage1"][0])
+        routine = client.submit(assets["short_video"], priority=9)
+        urgent = client.submit(assets["short_video"], priority=0)
+        for job in (routine, urgent):  # both ingested: their clips wait in the stage1 queue
+            deadline = time.monotonic() + 60
+            while "keyframes_total" not in client.jobs.meta(job.id) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        cluster.wait_ready(client.app, workers=[cluster.add_worker("stage1", concurrency=1)])
+        first, second = urgent.wait(timeout=120), routine.wait(timeout=120)
+        assert first.status == second.status == "succeeded"
+        ended = {j.id: float(client.jobs.meta(j.id)["ended_at"]) for j in (routine, urgent)}
+        assert ended[urgent.id] < ended[routine.id]
+    finally:
+        cluster.stop()
+        client.close()
