@@ -36,6 +36,7 @@ import binascii
 import hashlib
 import json
 import math
+import random
 import signal
 import socket
 import sys
@@ -51,7 +52,7 @@ import numpy as np
 __all__ = ["VLLMStandIn", "ChatResponse", "expected_content", "image_digest", "FAULTS"]
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
-FAULTS = (None, "500", "garbage", "bad_schema", "length", "slow", "400")
+FAULTS = (None, "500", "503", "garbage", "bad_schema", "length", "slow", "400")
 SLOW_FAULT_S = 3600.0  # longer than any sane client timeout
 DIFFERENCES = (
     "no streaming (stream=true is answered 400), tools, logprobs, guided_json or LoRA models",
@@ -379,6 +380,8 @@ class VLLMStandIn:
         self._held = False
         self._fault: str | None = None
         self._fault_left: int | None = None
+        self._fault_share: float | None = None
+        self._fault_rng = random.Random(0)
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -415,11 +418,16 @@ class VLLMStandIn:
         self.stop()
 
     # -- test controls
-    def set_fault(self, fault: str | None, count: int | None = None) -> None:
+    def set_fault(self, fault: str | None, count: int | None = None, *,
+                  share: float | None = None, seed: int = 0) -> None:
+        """Answer with ``fault`` (the next ``count`` requests, or all); with ``share``, only
+        that fraction of requests, drawn from a seeded generator (chaos tests)."""
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; expected one of {FAULTS}")
         with self._cond:
             self._fault, self._fault_left = fault, count
+            self._fault_share = share
+            self._fault_rng = random.Random(seed)
 
     def hold(self) -> None:
         with self._cond:
@@ -483,6 +491,9 @@ class VLLMStandIn:
 
     def _take_fault(self) -> str | None:
         fault = self._fault
+        share = self._fault_share
+        if fault is not None and share is not None and self._fault_rng.random() >= share:
+            return None
         if fault is not None and self._fault_left is not None:
             self._fault_left -= 1
             if self._fault_left <= 0:
@@ -493,6 +504,8 @@ class VLLMStandIn:
                 concurrency: int) -> ChatResponse | None:
         if fault == "500":
             return self._error(_Reject(500, "Internal server error", "InternalServerError"))
+        if fault == "503":  # what a proxy or an overloaded server answers
+            return self._error(_Reject(503, "Service unavailable", "ServiceUnavailableError"))
         if fault == "400":
             return self._error(_Reject(400, "Injected fault: the stand-in refused this request."))
         if fault == "slow" and not self._sleep_until_released(SLOW_FAULT_S):
