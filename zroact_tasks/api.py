@@ -446,7 +446,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     root, uploads = _check_settings(settings)
     api = _Api(settings, Client(settings=settings), root, uploads,
-               redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2),
+               redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2,
+                                    socket_keepalive=True),
                max_field=max(64 * 1024, 4 * settings.max_prompt_chars + 16))
 
     @asynccontextmanager

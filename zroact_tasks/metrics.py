@@ -45,7 +45,7 @@ class ClusterCollector:
     def __init__(self, redis_url: str, queues: tuple[str, ...] = celeryconfig.QUEUES,
                  key_prefix: str = "") -> None:
         self.r = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=5,
-                                      socket_connect_timeout=5)
+                                      socket_connect_timeout=5, socket_keepalive=True)
         self.queues, self.key_prefix = queues, key_prefix
 
     def collect(self):

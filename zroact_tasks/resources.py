@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from functools import cache
 
-import redis
-
 from .config import get_settings
 from .jobstate import JobStore
 from .media.store import FrameStore
+from .redisconn import connect
 
 
 @cache
@@ -23,4 +22,4 @@ def jobs() -> JobStore:
 @cache
 def frames() -> FrameStore:
     s = get_settings()
-    return FrameStore(redis.Redis.from_url(s.redis_url), ttl_s=int(s.job_deadline_s) + 3600)
+    return FrameStore(connect(s.redis_url), ttl_s=int(s.job_deadline_s) + 3600)

@@ -1,5 +1,8 @@
 """Job deadlines: a job still running after ``JOB_DEADLINE_S`` ends ``failed``.
 
+The same sweeper thread runs the reconciler first (control/reconcile.py): the deadline is the
+last resort, repair is the recovery path.
+
 Each control worker's main process runs a sweeper thread (several control workers may sweep the
 same job: ``close_barrier`` lets exactly one of them end it). A periodic sweep instead of a
 countdown task on purpose: on Redis a countdown longer than the visibility timeout is delivered
@@ -18,6 +21,7 @@ from .. import pipeline, resources
 from ..config import get_settings
 from ..errors import ZroactError
 from ..models import JobError
+from ..redisconn import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +49,19 @@ def sweep(app, now: float | None = None) -> list[str]:
 
 
 def _loop(app, interval: float) -> None:
+    from .reconcile import Reconciler  # noqa: PLC0415 - imports the control tasks
+
+    reconciler = Reconciler(app)
     while not _stop.wait(interval):
         try:
+            reconciler.sweep()
             sweep(app)
-        except Exception:  # a Redis outage must not kill the sweeper; the next round retries
-            log.exception("deadline sweep failed")
+        except Exception as exc:  # an outage must not kill the sweeper; the next round retries
+            reconciler.redis_ok_since = None
+            if is_transient(exc):
+                log.warning("sweep skipped: Redis unavailable (%s)", type(exc).__name__)
+            else:
+                log.exception("sweep failed")
 
 
 @worker_ready.connect
@@ -58,7 +70,8 @@ def _start(sender=None, **_: object) -> None:
     queues = {q.name for q in consumer.queues} if consumer is not None else set()
     if "control" not in queues:
         return
-    interval = min(5.0, max(0.2, get_settings().job_deadline_s / 20))
+    settings = get_settings()
+    interval = min(settings.reconcile_interval_s, max(0.2, settings.job_deadline_s / 20))
     threading.Thread(target=_loop, args=(sender.app, interval), name="zroact-deadlines",
                      daemon=True).start()
 

@@ -52,6 +52,7 @@ class _Buffer:
     def __init__(self, store: FrameStore, job_id: str) -> None:
         self.store, self.job_id = store, job_id
         self.frames: dict[str, dict[int, bytes]] = {"stage1": {}, "full": {}}
+        self.job_ended = False  # the store refused a write: the job has ended meanwhile
 
     def add(self, kind: str, index: int, data: bytes) -> None:
         self.frames[kind][index] = data
@@ -60,7 +61,8 @@ class _Buffer:
 
     def flush(self) -> None:
         for kind, frames in self.frames.items():
-            self.store.put_many(self.job_id, frames, kind)
+            if self.store.put_many(self.job_id, frames, kind) < 0:
+                self.job_ended = True
         self.frames = {"stage1": {}, "full": {}}
 
 
@@ -86,13 +88,14 @@ def ingest(spec: JobSpec, settings: Settings, store: FrameStore, send_slot: Send
     on_probe(info)
     stride, size = spec.keyframe_stride, spec.slot_size
     buffer = _Buffer(store, spec.job_id)
+    stop = lambda: buffer.job_ended or should_stop()  # noqa: E731
     keyframes: list[int] = []
     pending: list[int] = []  # keyframes of the slot being filled
     slots: list[list[int]] = []
     decoded = 0
     for index, frame in video.decode(path, settings.max_frames):
         decoded = index + 1
-        if index % FLUSH_EVERY == 0 and should_stop():
+        if index % FLUSH_EVERY == 0 and stop():
             break
         quality = settings.frame_jpeg_quality
         if clips.is_needed(index, stride, spec.clip_length, spec.sampling_rate):
@@ -105,7 +108,7 @@ def ingest(spec: JobSpec, settings: Settings, store: FrameStore, send_slot: Send
         pending.append(index)
         if len(pending) == size:
             buffer.flush()  # a slot leaves only once every frame of its clips is stored
-            if should_stop():
+            if stop():
                 break
             send_slot(len(slots), pending)
             slots.append(pending)
@@ -116,7 +119,7 @@ def ingest(spec: JobSpec, settings: Settings, store: FrameStore, send_slot: Send
     if not keyframes:
         raise VideoTooShortError(
             str(spec.video), f"{decoded} frames is shorter than one keyframe stride ({stride})")
-    if pending and not should_stop():
+    if pending and not stop():
         send_slot(len(slots), pending)  # trailing partial slot: Stage 1 only
         slots.append(pending)
     warnings = []

@@ -11,6 +11,7 @@ from ..app import app
 from ..config import get_settings
 from ..errors import InputError
 from ..models import JobError, JobSpec
+from ..redisconn import TRANSIENT_ERRORS
 from . import deadlines  # noqa: F401  (connects the deadline sweeper to control workers)
 from .ingest import estimate_frame_bytes, ingest
 from .report import build_report
@@ -75,7 +76,7 @@ def ingest_video(self, spec_data: dict) -> dict:
     """Decode the video, store its frames and send one chord per slot."""
     spec, settings, jobs = JobSpec.model_validate(spec_data), get_settings(), resources.jobs()
     job_id = spec.job_id
-    if jobs.cancel_requested(job_id):
+    if jobs.cancel_requested(job_id) or jobs.barrier_closed(job_id):
         return {"job_id": job_id, "skipped": "job already stopped"}
     store, admitted = resources.frames(), []
     stage2 = settings.vlm_url is not None
@@ -102,13 +103,14 @@ def ingest_video(self, spec_data: dict) -> dict:
 
     try:
         # Counted per retry: a deferred ingest comes back as a new delivery of the same id.
-        jobs.check_delivery(f"{self.request.id}:{self.request.retries}",
-                            settings.max_task_deliveries)
+        jobs.check_delivery(self.delivery_key, settings.max_task_deliveries)
         result = ingest(spec, settings, store, send_slot,
                         should_stop=lambda: jobs.cancel_requested(job_id), on_probe=on_probe)
     except _NoRoom:
         jobs.update(job_id, state="queued")
         raise self.retry(countdown=settings.ingest_retry_s) from None
+    except TRANSIENT_ERRORS:
+        raise  # not the video's fault: the task is requeued (app.TransientTask) and resumes
     except InputError as exc:
         log.info("job %s: bad input: %s", job_id, exc)
         fail_job(job_id, exc, input_error=True)
@@ -159,13 +161,31 @@ def slot_ready(header: list[list[dict]], job_id: str, slot: int, keyframes: list
     return {"slot": slot, "stage2": sent}
 
 
+def failure_of(task_id: str) -> BaseException | None:
+    """The exception a task stored, or None if it did not fail (a stored result, not a wait)."""
+    result = app.AsyncResult(task_id)
+    return result.result if result.state == "FAILURE" else None
+
+
 @app.task(name=pipeline.SLOT_FAILED)
 def slot_failed(failed_task_id: str, job_id: str, slot: int, keyframes: list[int]) -> None:
-    """Error callback of a slot's chord: record why, so the job still reaches its report."""
-    exc = app.AsyncResult(failed_task_id).result  # a stored result, not a wait
+    """Error callback of a slot's chord: record why, so the job still reaches its report.
+
+    Only a real failure is recorded: the failed task's, else a header task's. An error path that
+    runs for a slot whose tasks all succeeded (seen once a Redis restart replayed a chord's join)
+    records nothing: the slot's body goes on, or the reconciler sends it again."""
+    jobs = resources.jobs()
+    if jobs.group_done(job_id, slot):
+        return
+    header = [pipeline.detect_id(job_id, b[0])
+              for b in pipeline.batches(keyframes, get_settings().stage1_batch)]
+    exc = next((e for e in map(failure_of, [failed_task_id, *header]) if e is not None), None)
+    if exc is None:
+        log.warning("job %s slot %d: error callback, but no task of the slot failed", job_id, slot)
+        return
     log.warning("job %s slot %d failed: %s", job_id, slot, exc)
     release_slot(job_id, slot, keyframes)
-    record_group(job_id, slot, {"error": f"slot failed: {one_line(exc or 'unknown error')}"})
+    record_group(job_id, slot, {"error": f"slot failed: {type(exc).__name__}: {one_line(exc)}"})
 
 
 @app.task(name=pipeline.FINALIZE)
@@ -175,8 +195,10 @@ def finalize(job_id: str) -> dict:
     existing = jobs.report_json(job_id)
     if existing is not None:  # redelivered: the report was already built
         return json.loads(existing)
-    report = build_report(job_id, jobs.meta(job_id), jobs.keyframes(job_id), jobs.groups(job_id))
-    jobs.save_report(job_id, report.model_dump_json(), report.status)
+    # Frames first: once the report is saved the job no longer counts in the frame budget.
     resources.frames().delete(job_id)
+    report = build_report(job_id, jobs.meta(job_id), jobs.keyframes(job_id), jobs.groups(job_id))
+    if not jobs.save_report(job_id, report.model_dump_json(), report.status):
+        return json.loads(jobs.report_json(job_id))  # a concurrent finalize saved first
     log.info("job %s %s in %.2f s", job_id, report.status, report.timings.get("total", 0))
     return report.model_dump(mode="json")

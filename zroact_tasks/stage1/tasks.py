@@ -6,7 +6,6 @@ import logging
 import threading
 import time
 
-import redis
 from celery.signals import worker_process_init
 
 from .. import pipeline, resources
@@ -58,15 +57,14 @@ def _preload(**_: object) -> None:
             log.error("stage1 model not loaded: %s", exc)
 
 
-@app.task(name=pipeline.DETECT, bind=True, autoretry_for=(redis.ConnectionError, redis.TimeoutError),
-          retry_backoff=True, retry_backoff_max=10, max_retries=5)
+@app.task(name=pipeline.DETECT, bind=True)
 def detect_clips(self, job_id: str, keyframes: list[int], params: dict) -> list[dict]:
     """Run Stage 1 on these keyframes' clips; domain errors come back as values per keyframe."""
     jobs = resources.jobs()
     if jobs.cancel_requested(job_id):
         return [{"keyframe": kf, "error": "cancelled"} for kf in keyframes]
     try:
-        jobs.check_delivery(self.request.id, get_settings().max_task_deliveries)
+        jobs.check_delivery(self.delivery_key, get_settings().max_task_deliveries)
         results = detect_keyframes(detector(), resources.frames(), job_id, keyframes, params,
                                    infer_function())
     except ZroactError as exc:

@@ -8,10 +8,12 @@ import time
 from functools import cache
 
 import cv2
+from celery.exceptions import SoftTimeLimitExceeded
 
 from .. import pipeline, resources
 from ..app import app
-from ..config import get_settings
+from ..config import get_settings, stage2_time_limit_s
+from ..redisconn import TRANSIENT_ERRORS
 from ..control.tasks import one_line, record_group
 from ..errors import VLMError, ZroactError
 from ..media.video import decode_jpeg, encode_jpeg
@@ -56,7 +58,7 @@ def judge_slot(self, job_id: str, slot: int, keyframes: list[int],
     try:
         if jobs.cancel_requested(job_id):
             raise ZroactError("cancelled")
-        jobs.check_delivery(self.request.id, settings.max_task_deliveries)
+        jobs.check_delivery(self.delivery_key, settings.max_task_deliveries)
         meta = jobs.meta(job_id)  # one read: the spec and the video are fields of it
         spec = JobSpec.model_validate_json(meta["spec"])
         fps = json.loads(meta["video"])["fps"] if "video" in meta else 30.0
@@ -72,6 +74,13 @@ def judge_slot(self, job_id: str, slot: int, keyframes: list[int],
         record["error"] = one_line(exc)
         if isinstance(exc, VLMError):
             jobs.count_vlm_error(type(exc).__name__)
+    except TRANSIENT_ERRORS:
+        raise  # Redis away for longer than the retries: requeued (app.TransientTask)
+    except SoftTimeLimitExceeded:
+        record["error"] = f"stage 2 stopped at its time limit ({stage2_time_limit_s(settings):g} s)"
+    except Exception as exc:  # a bug must still end the slot, with its name
+        log.exception("job %s slot %d failed", job_id, slot)
+        record["error"] = f"{type(exc).__name__}: {one_line(exc)}"
     record["t1"] = time.time()
     record_group(job_id, slot, record)
     return {"slot": slot, "error": record.get("error")}

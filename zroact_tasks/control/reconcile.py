@@ -1,0 +1,214 @@
+"""Nothing stranded: lost workers' tasks go back, stopped jobs are repaired, budgets recounted.
+
+Runs in each control worker's sweeper thread (control/deadlines.py), every
+``RECONCILE_INTERVAL_S``. Three duties:
+
+1. **Lost workers.** An unacked message whose holder's heartbeat has expired (liveness.py) goes
+   back to the head of its queue, through kombu's own ``restore_by_tag`` (a WATCH transaction,
+   so two control workers cannot give it back twice).
+2. **Stranded jobs.** A job that recorded nothing for ``NO_PROGRESS_S`` and has no task queued or
+   held by any worker has lost a message (a Redis that died before its AOF fsync, a publish
+   that failed for longer than the retries): what it misses is sent again — the ingest, a
+   slot's Stage 1 chord, a slot's Stage 2 request, or ``finalize``. Every step is idempotent,
+   so a re-send that races the original is harmless (tests/test_reconcile.py sends each twice).
+3. **Budgets.** The held-bytes counter is recounted from the unfinished jobs' own counters, and
+   reservations of jobs that ended are dropped.
+
+Each re-send is logged with the job (and slot) and counted in ``zroact:metrics:resends``
+(``zroact_resends_total`` in docs/metrics.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from celery import Celery
+
+from .. import liveness, pipeline, resources
+from ..config import get_settings
+from ..models import JobSpec
+from ..redisconn import connect
+
+log = logging.getLogger(__name__)
+
+
+def _task_id(raw: bytes | str) -> str | None:
+    try:
+        return json.loads(raw)["headers"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class Reconciler:
+    """One control worker's view; ``sweep()`` does one round of the three duties."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.settings = get_settings()
+        self.r = connect(self.settings.redis_url)
+        self.redis_ok_since: float | None = None
+
+    # --- 1. lost workers ------------------------------------------------------------------
+    def restore_lost_tasks(self, now: float | None = None) -> list[str]:
+        """Give back the unacked messages of dead holders; the task ids given back."""
+        now = time.time() if now is None else now
+        with self.app.connection_for_write() as conn:
+            channel = conn.default_channel
+            unacked = self.r.hgetall(channel.unacked_key)
+            if not unacked:
+                return []
+            tags = list(unacked)
+            pipe = self.r.pipeline(transaction=False)
+            for tag in tags:
+                pipe.get(liveness.held_key(tag.decode()))
+                pipe.zscore(channel.unacked_index_key, tag)
+            found = pipe.execute()
+            holders = {found[2 * i] for i in range(len(tags)) if found[2 * i]}
+            pipe = self.r.pipeline(transaction=False)
+            for boot in holders:
+                pipe.exists(liveness.worker_key(boot.decode()))
+            alive = {boot for boot, up in zip(holders, pipe.execute()) if up}
+            restored = []
+            for i, tag in enumerate(tags):
+                holder, since = found[2 * i], found[2 * i + 1]
+                if holder in alive:
+                    continue
+                # No holder recorded: its worker died between taking the message and
+                # recording it; give it the same grace as a heartbeat.
+                if holder is None and (since is None or now - since < self.settings.worker_lost_s):
+                    continue
+                task_id = _task_id(unacked[tag]) or "?"
+                channel.qos.restore_by_tag(tag.decode(), leftmost=True)
+                self.r.delete(liveness.held_key(tag.decode()))
+                restored.append(task_id)
+                resources.jobs().count_resend("lost_task")
+                log.warning("task %s given back: its worker is lost", task_id)
+            return restored
+
+    # --- 2. stranded jobs -------------------------------------------------------------------
+    def queued_or_held(self) -> set[str]:
+        """Ids of every task waiting in a queue or held by a worker."""
+        with self.app.connection_for_write() as conn:
+            channel = conn.default_channel
+            lists = [channel._q_for_pri(q, p) for q in ("control", "stage1", "stage2")
+                     for p in channel.priority_steps]
+            pipe = self.r.pipeline(transaction=False)
+            for name in dict.fromkeys(lists):
+                pipe.lrange(name, 0, -1)
+            pipe.hvals(channel.unacked_key)
+            found = pipe.execute()
+        ids = {_task_id(m) for messages in found[:-1] for m in messages}
+        for held in found[-1]:  # [message, exchange, routing key]
+            ids.add(_task_id(json.dumps(json.loads(held)[0])))
+        ids.discard(None)
+        return ids
+
+    def stranded(self, now: float | None = None) -> list[str]:
+        """Unfinished jobs with no progress for NO_PROGRESS_S and no task queued or held."""
+        now = time.time() if now is None else now
+        jobs = resources.jobs()
+        candidates = []
+        for job_id in jobs.unfinished():
+            progress = jobs.r.hget(f"zroact:job:{job_id}", "progress_at")
+            if progress is None or now - float(progress) >= self.settings.no_progress_s:
+                candidates.append(job_id)
+        if not candidates:
+            return []
+        busy = {task_id.split(":", 1)[0] for task_id in self.queued_or_held()}
+        return [job_id for job_id in candidates if job_id not in busy]
+
+    def repair(self, job_id: str) -> list[str]:
+        """Send again what the job misses; what was sent (e.g. ``["stage2:4"]``)."""
+        jobs = resources.jobs()
+        if not jobs.lock_repair(job_id, self.settings.no_progress_s / 2):
+            return []  # another control worker repairs it
+        meta = jobs.r.hgetall(f"zroact:job:{job_id}")
+        if not meta:  # expired or deleted: nothing to finish
+            jobs.r.zrem("zroact:deadlines", job_id)
+            return []
+        sent: list[str] = []
+        if "report" in meta:
+            jobs.r.zrem("zroact:deadlines", job_id)
+        elif jobs.barrier_closed(job_id) or "abort" in meta:
+            jobs.close_barrier(job_id)
+            pipeline.send_finalize(self.app, job_id)
+            sent.append("finalize")
+        elif "groups_total" not in meta:
+            self.app.send_task(pipeline.INGEST, args=(json.loads(meta["spec"]),),
+                               task_id=pipeline.ingest_id(job_id),
+                               priority=json.loads(meta["spec"]).get("priority"))
+            sent.append("ingest")
+        else:
+            sent += self._repair_slots(job_id, meta)
+        jobs.touch(job_id)  # give what was sent NO_PROGRESS_S to show progress
+        for what in sent:
+            jobs.count_resend(what.split(":")[0])
+            log.warning("job %s: re-sent %s (no progress for %g s, nothing queued or held)",
+                        job_id, what, self.settings.no_progress_s)
+        return sent
+
+    def _repair_slots(self, job_id: str, meta: dict) -> list[str]:
+        from .tasks import pump, record_group, release_slot, slot_params  # noqa: PLC0415
+
+        jobs, settings = resources.jobs(), self.settings
+        spec = JobSpec.model_validate_json(meta["spec"])
+        stage2 = meta.get("stage2") == "true"
+        slots = json.loads(meta.get("slots", "[]"))
+        groups = jobs.groups(job_id)
+        kf = jobs.keyframes(job_id)
+        pending, _ = jobs.pending_and_inflight(job_id)
+        waiting = {item["slot"] for item in pending}
+        frame_size = json.loads(meta["frame_size"])
+        sent = []
+        for slot, keyframes in enumerate(slots):
+            if slot in groups or slot in waiting:
+                continue
+            judge = stage2 and len(keyframes) == spec.slot_size
+            if all(k in kf for k in keyframes):  # Stage 1 is done: its body was lost
+                failed = [kf[k] for k in keyframes if kf[k].get("error")]
+                if failed:
+                    record_group(job_id, slot, {"error": f"stage 1 failed on frame "
+                                                         f"{failed[0]['keyframe']}: "
+                                                         f"{failed[0]['error']}"})
+                elif judge:
+                    detections = {str(k): kf[k]["detections"] for k in keyframes}
+                    pipeline.send_judge(self.app, job_id, slot, keyframes, detections,
+                                        spec.priority)
+                    sent.append(f"stage2:{slot}")
+                else:
+                    record_group(job_id, slot, {"stage2": False})
+                release_slot(job_id, slot, keyframes)
+            else:
+                pipeline.send_slot(self.app, job_id, slot, keyframes,
+                                   params=slot_params(spec, frame_size), judge=judge,
+                                   batch=settings.stage1_batch, priority=spec.priority)
+                sent.append(f"stage1:{slot}")
+        if not sent and waiting:
+            pump(spec, stage2, frame_size)  # the window has room: let the next slots in
+            sent.append("window")
+        if not sent and len(groups) >= len(slots) and jobs.set_groups_total(job_id, len(slots)):
+            pipeline.send_finalize(self.app, job_id)  # every slot ended; the barrier was lost
+            sent.append("finalize")
+        return sent
+
+    # --- 3. budgets ---------------------------------------------------------------------------
+    def recount_budget(self) -> None:
+        before, now, dropped = resources.frames().reconcile("zroact:deadlines")
+        if before != now or dropped:
+            log.info("frame budget recounted: %d -> %d bytes held, %d stale reservations "
+                     "dropped", before, now, dropped)
+
+    # --- one round ------------------------------------------------------------------------------
+    def sweep(self) -> None:
+        now = time.time()
+        self.r.ping()
+        if self.redis_ok_since is None:
+            self.redis_ok_since = now
+        # After an outage, workers need a beat or two to renew their heartbeats.
+        if now - self.redis_ok_since >= 2 * liveness.beat_interval(self.settings.worker_lost_s):
+            self.restore_lost_tasks(now)
+        for job_id in self.stranded(now):
+            self.repair(job_id)
+        self.recount_budget()
