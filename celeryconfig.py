@@ -8,13 +8,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from zroact_tasks.config import Settings, get_settings
+from zroact_tasks import pipeline, redisconn
+from zroact_tasks.config import Settings, get_settings, task_time_limits
 
 QUEUES = ("control", "stage1", "stage2")
 
 
+def _time_limits(s: Settings) -> dict[str, dict]:
+    """Per-task hard limits (a stuck task is ended, so it cannot outlive the visibility
+    timeout), with a soft limit a few seconds earlier so the task can record why it stopped."""
+    limits = task_time_limits(s)
+    by_task = {pipeline.INGEST: limits["ingest"], pipeline.DETECT: limits["stage1"],
+               pipeline.JUDGE: limits["stage2"]}
+    by_task |= {name: limits["control"] for name in pipeline.CONTROL_STEPS}
+    return {name: {"time_limit": limit, "soft_time_limit": max(1.0, limit - min(10.0, limit / 10))}
+            for name, limit in by_task.items()}
+
+
 def config_for(s: Settings) -> dict[str, Any]:
-    transport = {
+    socket = {
+        "socket_timeout": redisconn.SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": redisconn.CONNECT_TIMEOUT_S,
+        "socket_keepalive": True,
+        "health_check_interval": redisconn.HEALTH_CHECK_S,
+        "retry_on_timeout": True,
+    }
+    transport = {**socket,
         # Redelivery of an unacked task happens after this: it must exceed the longest task.
         "visibility_timeout": s.visibility_timeout_s,
         # kombu scans for unacked messages of dead workers only every ~100 s by default;
@@ -27,6 +46,22 @@ def config_for(s: Settings) -> dict[str, Any]:
         "result_backend": s.redis_url,
         "broker_transport_options": transport,
         "result_backend_transport_options": {"visibility_timeout": s.visibility_timeout_s},
+        "redis_socket_timeout": redisconn.SOCKET_TIMEOUT_S,
+        "redis_socket_connect_timeout": redisconn.CONNECT_TIMEOUT_S,
+        "redis_socket_keepalive": True,
+        "redis_retry_on_timeout": True,
+        "redis_backend_health_check_interval": redisconn.HEALTH_CHECK_S,
+        # A Redis restart is a pause: results are stored and tasks published again and again
+        # for about a minute (redisconn.RETRY_BOUND_S) before the error reaches the task.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "result_backend_max_sleep_between_retries_ms": int(redisconn.BACKOFF_CAP_S * 1000),
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 18, "interval_start": 0,
+                                      "interval_step": 1, "interval_max": 4},
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,  # a worker waits for Redis as long as it takes
+        "task_annotations": _time_limits(s),
         "broker_connection_retry_on_startup": True,
         # JSON only: a pickled message is refused, so no message can run code in a worker.
         "task_serializer": "json",

@@ -109,9 +109,24 @@ class Settings(BaseSettings):
     max_task_deliveries: int = Field(3, ge=1)
     """A task delivered this many times (its worker died each time) is recorded as failed."""
     job_deadline_s: float = Field(3600.0, gt=0)
-    """A job still running after this ends ``failed``."""
-    visibility_timeout_s: int = Field(3600, ge=10)
-    """Redis redelivers an unacked task after this; keep it above the longest task."""
+    """A job still running after this ends ``failed``: the last resort, not the recovery path."""
+    visibility_timeout_s: int = Field(1200, ge=2)
+    """Redis redelivers an unacked task after this: above the longest task's time limit, or a
+    running task is delivered twice. A dead worker's tasks come back sooner (``WORKER_LOST_S``)."""
+    no_progress_s: float = Field(1500.0, gt=0)
+    """A job that recorded nothing for this long, with none of its tasks queued or held by a
+    worker, is repaired: what is missing is sent again (control/reconcile.py)."""
+    worker_lost_s: float = Field(30.0, gt=0)
+    """A worker whose heartbeat is this old is lost; the tasks it held go back to their queue."""
+    reconcile_interval_s: float = Field(2.0, gt=0)
+    """How often control workers look for lost workers and stranded jobs."""
+    ingest_time_limit_s: float = Field(900.0, gt=0)
+    """Hard time limit of one ingest (a whole video until ingest is chunked: ~520 s for
+    MAX_FRAMES of 1080p on one core of our CI machine)."""
+    stage1_time_limit_s: float = Field(120.0, gt=0)
+    """Hard time limit of one Stage 1 task."""
+    control_time_limit_s: float = Field(60.0, gt=0)
+    """Hard time limit of the short control steps (slot bookkeeping, the report)."""
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     """How long reports and task results stay in Redis."""
     media_root: Path | None = None
@@ -139,6 +154,37 @@ class Settings(BaseSettings):
             return None
         url = url.rstrip("/")
         return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def stage2_time_limit_s(s: Settings) -> float:
+    """A Stage 2 task's worst case: every VLM attempt timing out, the backoff between them,
+    and a margin for reading frames and recording the verdict."""
+    backoff = sum(min(s.vlm_backoff_max_s, 0.5 * 2**i) for i in range(s.vlm_max_retries))
+    return (s.vlm_max_retries + 1) * s.vlm_timeout_s + backoff + 30.0
+
+
+def task_time_limits(s: Settings) -> dict[str, float]:
+    """Hard time limit of each kind of task, by queue (ingest apart: it is the long one)."""
+    return {"ingest": s.ingest_time_limit_s, "control": s.control_time_limit_s,
+            "stage1": s.stage1_time_limit_s, "stage2": stage2_time_limit_s(s)}
+
+
+def timeout_problems(s: Settings) -> list[str]:
+    """Where the settings break the rule longest task < visibility timeout < no-progress
+    timeout <= job deadline (each inequality is what keeps a step from running twice or a
+    job from failing before it is repaired). Workers log these at start."""
+    problems = []
+    name, longest = max(task_time_limits(s).items(), key=lambda kv: kv[1])
+    if longest >= s.visibility_timeout_s:
+        problems.append(f"the {name} time limit {longest:g} s is not below VISIBILITY_TIMEOUT_S "
+                        f"{s.visibility_timeout_s} s: a running task can be delivered twice")
+    if s.visibility_timeout_s >= s.no_progress_s:
+        problems.append(f"VISIBILITY_TIMEOUT_S {s.visibility_timeout_s} s is not below "
+                        f"NO_PROGRESS_S {s.no_progress_s:g} s")
+    if s.no_progress_s > s.job_deadline_s:
+        problems.append(f"NO_PROGRESS_S {s.no_progress_s:g} s is above JOB_DEADLINE_S "
+                        f"{s.job_deadline_s:g} s: jobs fail before they are repaired")
+    return problems
 
 
 _current: Settings | None = None

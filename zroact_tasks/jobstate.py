@@ -6,11 +6,13 @@ Keys (all under ``zroact:job:{id}``, all with a TTL):
 - ``…:kf`` (hash): keyframe index -> its Stage 1 result (JSON). Written by Stage 1 tasks.
 - ``…:groups`` (hash): group (slot) index -> its final record (JSON), first writer wins.
 - ``…:groups_done`` (set) and ``…:done`` (string): the barrier (see ``record_group``).
-- ``…:pending`` (list) and ``…:inflight`` (set): the job's window of slots (see ``pump_slots``).
+- ``…:pending`` (list), ``…:inflight`` and ``…:offered`` (sets): the job's window of slots (see
+  ``pump_slots``); ``…:repair`` (string): the reconciler's lock (control/reconcile.py).
 - ``…:frames``: the frame store (media/store.py).
 
 Cluster-wide: ``zroact:deadlines`` (unfinished jobs by deadline), ``zroact:deliveries:{task}``
-(poison-task counts, with a TTL) and the ``zroact:metrics:*`` counters.
+(poison-task counts, with a TTL) and the ``zroact:metrics:*`` counters. The meta hash's
+``progress_at`` is when the job last recorded something (the reconciler reads it).
 
 A plain counter is not a safe barrier when tasks are redelivered (it fired early in our
 measurements, ``CELERY-NOTES.md``); a set of finished groups plus ``SET NX`` stays exact.
@@ -20,20 +22,27 @@ from __future__ import annotations
 
 import json
 import time
-from functools import cache
 from typing import Any
 
-import redis
 
 from .errors import JobNotFoundError, PoisonTaskError
 from .models import JobSpec, JobStatus
+from .redisconn import connect
 
-# Record a group's result once, then report whether this call closed the barrier.
-# Returns 0: the group was already recorded; 1: recorded; 2: recorded and the job is complete
-# (this caller must enqueue finalize).
+# Record a group's result once, then report whether this call closed the barrier. A verdict
+# replaces an error recorded before it (a slot's verdict is never lost to a spurious error) as
+# long as the report is not being built. Returns 0: nothing changed; 1: recorded; 2: recorded
+# and the job is complete (this caller must enqueue finalize).
 _RECORD_GROUP = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  local new = cjson.decode(ARGV[2])
+  if new['verdict'] == nil or redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+  local old = cjson.decode(redis.call('HGET', KEYS[1], ARGV[1]))
+  if old['verdict'] ~= nil then return 0 end
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
 redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[3], 'progress_at', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 local total = redis.call('HGET', KEYS[3], 'groups_total')
@@ -61,10 +70,13 @@ JOBS_ENDED = "zroact:metrics:jobs_ended"
 """Hash: final job state -> count (for metrics)."""
 
 
-# The per-job window: offer slots to a pending list; move them to the in-flight set while it has
-# room. Returns the slots to send now. A set (not a counter), so a redelivered release is harmless.
+# The per-job window: offer slots to a pending list (once each: a re-run ingest offers them
+# again); move them to the in-flight set while it has room. Returns the slots to send now.
+# Sets (not counters), so a redelivered release or offer is harmless.
 _PUMP = """
-if ARGV[1] ~= '' then redis.call('RPUSH', KEYS[1], ARGV[1]) end
+if ARGV[1] ~= '' and redis.call('SADD', KEYS[3], ARGV[5]) == 1 then
+  redis.call('RPUSH', KEYS[1], ARGV[1])
+end
 if ARGV[2] ~= '' then redis.call('SREM', KEYS[2], ARGV[2]) end
 local window = tonumber(ARGV[3])
 local out = {}
@@ -74,43 +86,68 @@ while window == 0 or redis.call('SCARD', KEYS[2]) < window do
   redis.call('SADD', KEYS[2], item)
   table.insert(out, item)
 end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 return out
 """
+
+# Save the report once: a second finalize (redelivered, or re-sent by the reconciler) must not
+# count the job's end twice.
+_SAVE_REPORT = """
+if redis.call('HSETNX', KEYS[1], 'report', ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'ended_at', ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[4])
+redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+return 1
+"""
+
+RESENDS = "zroact:metrics:resends"
+"""Hash: what the reconciler sent again (ingest, stage1, stage2, finalize, lost_task) -> count."""
+
+JOB_PARTS = ("", "kf", "groups", "groups_done", "done", "pending", "inflight", "offered")
+"""Every per-job key but the frame store's (which deletes its own)."""
 
 
 def _key(job_id: str, part: str = "") -> str:
     return f"zroact:job:{job_id}" + (f":{part}" if part else "")
 
 
-@cache
-def _client(url: str) -> redis.Redis:
-    # One pool per process and URL; redis-py resets pools it finds inherited across a fork.
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
-
-
 class JobStore:
     """Reads and writes one cluster's job records."""
 
     def __init__(self, redis_url: str, ttl_s: int) -> None:
-        self.r = _client(redis_url)
+        self.r = connect(redis_url, decode_responses=True)
         self.ttl_s = ttl_s
         self._record = self.r.register_script(_RECORD_GROUP)
         self._check = self.r.register_script(_CHECK_BARRIER)
         self._pump = self.r.register_script(_PUMP)
+        self._save = self.r.register_script(_SAVE_REPORT)
 
     # --- job meta -------------------------------------------------------------------------
     def create(self, spec: JobSpec, deadline_s: float) -> None:
         key = _key(spec.job_id)
         pipe = self.r.pipeline()
-        pipe.hset(key, mapping={"spec": spec.model_dump_json(), "state": "queued"})
+        pipe.hset(key, mapping={"spec": spec.model_dump_json(), "state": "queued",
+                                "progress_at": spec.submitted_at})
         pipe.expire(key, self.ttl_s)
         pipe.zadd(DEADLINES, {spec.job_id: spec.submitted_at + deadline_s})
         pipe.execute()
 
     def overdue(self, now: float) -> list[str]:
         return self.r.zrangebyscore(DEADLINES, "-inf", now)
+
+    def unfinished(self) -> list[str]:
+        return self.r.zrange(DEADLINES, 0, -1)
+
+    def touch(self, job_id: str) -> None:
+        """The job made progress (the reconciler leaves it alone for ``NO_PROGRESS_S``)."""
+        self.r.hset(_key(job_id), "progress_at", time.time())
+
+    def count_resend(self, what: str) -> None:
+        self.r.hincrby(RESENDS, what, 1)
+
+    def lock_repair(self, job_id: str, seconds: float) -> bool:
+        """One repair of a job per ``seconds`` across every control worker."""
+        return bool(self.r.set(_key(job_id, "repair"), "1", nx=True, ex=max(1, int(seconds))))
 
     def stage_of(self, job_id: str) -> str:
         """Where an unfinished job is: ``ingest``, ``stage 1`` or ``stage 2``."""
@@ -158,13 +195,19 @@ class JobStore:
         if count > limit:
             raise PoisonTaskError(task_id, count)
 
+    def forgive_delivery(self, task_id: str) -> None:
+        """Take back one delivery (the task was requeued on purpose, not killed)."""
+        self.r.decr(f"zroact:deliveries:{task_id}")
+
     # --- the per-job window of slots in flight ------------------------------------------------
     def pump_slots(self, job_id: str, window: int, offer: dict | None = None,
                    release: dict | None = None) -> list[dict]:
         """Offer a new slot and/or release a finished one; the slots that may be sent now."""
         encode = lambda item: json.dumps(item, sort_keys=True) if item else ""  # noqa: E731
-        items = self._pump(keys=[_key(job_id, "pending"), _key(job_id, "inflight")],
-                           args=[encode(offer), encode(release), window, self.ttl_s])
+        items = self._pump(
+            keys=[_key(job_id, "pending"), _key(job_id, "inflight"), _key(job_id, "offered")],
+            args=[encode(offer), encode(release), window, self.ttl_s,
+                  str(offer["slot"]) if offer else ""])
         return [json.loads(i) for i in items]
 
     # --- Stage 1 ------------------------------------------------------------------------
@@ -174,6 +217,7 @@ class JobStore:
         pipe = self.r.pipeline(transaction=False)
         pipe.hset(key, mapping={str(r["keyframe"]): json.dumps(r) for r in results})
         pipe.expire(key, self.ttl_s)
+        pipe.hset(_key(job_id), "progress_at", time.time())
         pipe.execute()
 
     def keyframes(self, job_id: str) -> dict[int, dict]:
@@ -186,7 +230,7 @@ class JobStore:
     def record_group(self, job_id: str, group: int, record: dict) -> int:
         """Store a group's final record (first writer wins). 2 = caller must enqueue finalize."""
         return int(self._record(keys=self._barrier_keys(job_id),
-                                args=[str(group), json.dumps(record), self.ttl_s]))
+                                args=[str(group), json.dumps(record), self.ttl_s, time.time()]))
 
     def group_done(self, job_id: str, group: int) -> bool:
         return bool(self.r.hexists(_key(job_id, "groups"), str(group)))
@@ -204,16 +248,26 @@ class JobStore:
         return {int(k): json.loads(v) for k, v in self.r.hgetall(_key(job_id, "groups")).items()}
 
     # --- the report -----------------------------------------------------------------------
-    def save_report(self, job_id: str, report_json: str, state: str) -> None:
-        pipe = self.r.pipeline()
-        pipe.hset(_key(job_id), mapping={"report": report_json, "state": state,
-                                          "ended_at": time.time()})
-        pipe.zrem(DEADLINES, job_id)
-        pipe.hincrby(JOBS_ENDED, state, 1)
+    def save_report(self, job_id: str, report_json: str, state: str) -> bool:
+        """Keep the report (the first one only: False if one was saved before)."""
+        saved = bool(self._save(keys=[_key(job_id), DEADLINES, JOBS_ENDED],
+                                args=[report_json, state, time.time(), job_id]))
         # The report outlives the job's working records only as long as the result TTL.
-        for part in ("", "kf", "groups", "groups_done", "done", "pending", "inflight"):
+        pipe = self.r.pipeline(transaction=False)
+        for part in JOB_PARTS:
             pipe.expire(_key(job_id, part), self.ttl_s)
         pipe.execute()
+        return saved
+
+    def pending_and_inflight(self, job_id: str) -> tuple[list[dict], list[dict]]:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lrange(_key(job_id, "pending"), 0, -1)
+        pipe.smembers(_key(job_id, "inflight"))
+        pending, inflight = pipe.execute()
+        return [json.loads(i) for i in pending], [json.loads(i) for i in inflight]
+
+    def barrier_closed(self, job_id: str) -> bool:
+        return bool(self.r.exists(_key(job_id, "done")))
 
     def count_vlm_error(self, kind: str) -> None:
         self.r.hincrby(VLM_ERRORS, kind, 1)

@@ -17,6 +17,8 @@ SLOT_FAILED = "zroact.control.slot_failed"
 FINALIZE = "zroact.control.finalize"
 DETECT = "zroact.stage1.detect_clips"
 JUDGE = "zroact.stage2.judge_slot"
+CONTROL_STEPS = (SLOT_READY, SLOT_FAILED, FINALIZE)
+"""The short bookkeeping tasks of the control queue (ingest apart)."""
 
 
 def ingest_id(job_id: str) -> str:

@@ -31,9 +31,10 @@ RESERVED = "zroact:frames:reserved"
 redelivered ingest overwrites its own reservation and the job's end clears it."""
 
 # Admit an ingest if its estimate fits in the budget beside what is held and reserved, or if
-# nothing is held at all (a video bigger than the budget still runs, alone).
+# nothing is held at all (a video bigger than the budget still runs, alone). What the job itself
+# already holds is in its estimate (a re-run ingest must not wait for its own frames).
 _ADMIT = """
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local used = tonumber(redis.call('GET', KEYS[1]) or '0') - tonumber(redis.call('GET', KEYS[3]) or '0')
 local reserved = 0
 for _, v in ipairs(redis.call('HVALS', KEYS[2])) do reserved = reserved + tonumber(v) end
 reserved = reserved - tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or '0')
@@ -54,6 +55,46 @@ return n
 """
 
 
+# Store frames once: a field already there (a re-run ingest, a chunk sent again) is neither
+# rewritten nor counted again, and nothing is stored once the job has ended (its barrier is
+# closed), so the held-bytes counters only ever count what is really held.
+_PUT = """
+if redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+local added = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    added = added + string.len(ARGV[i + 1])
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if added > 0 then
+  redis.call('INCRBY', KEYS[2], added)
+  redis.call('INCRBY', KEYS[3], added)
+end
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return added
+"""
+
+# Recount the global counters from the jobs that really exist: the held bytes of unfinished
+# jobs, and no reservation of a job that has ended. Anything a crash left behind goes.
+_RECONCILE = """
+local jobs = redis.call('ZRANGE', KEYS[1], 0, -1)
+local live, used = {}, 0
+for _, job in ipairs(jobs) do
+  live[job] = true
+  used = used + tonumber(redis.call('GET', 'zroact:job:' .. job .. ':frames_bytes') or '0')
+end
+local dropped = 0
+local reserved = redis.call('HKEYS', KEYS[3])
+for _, job in ipairs(reserved) do
+  if not live[job] then redis.call('HDEL', KEYS[3], job); dropped = dropped + 1 end
+end
+local before = tonumber(redis.call('GET', KEYS[2]) or '0')
+redis.call('SET', KEYS[2], used)
+return {before, used, dropped}
+"""
+
+
 def _bytes_key(job_id: str) -> str:
     return f"zroact:job:{job_id}:frames_bytes"
 
@@ -64,18 +105,18 @@ class FrameStore:
         self._ttl_s = ttl_s
         self._admit = client.register_script(_ADMIT)
         self._delete = client.register_script(_DELETE)
+        self._put = client.register_script(_PUT)
+        self._reconcile = client.register_script(_RECONCILE)
 
-    def put_many(self, job_id: str, frames: dict[int, bytes], kind: str = "full") -> None:
+    def put_many(self, job_id: str, frames: dict[int, bytes], kind: str = "full") -> int:
+        """Store frames not stored yet; the bytes added, or -1 if the job has ended."""
         if not frames:
-            return
-        key, size = frames_key(job_id), sum(len(d) for d in frames.values())
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hset(key, mapping={frame_field(i, kind): data for i, data in frames.items()})
-        pipe.expire(key, self._ttl_s)
-        pipe.incrby(_bytes_key(job_id), size)
-        pipe.expire(_bytes_key(job_id), self._ttl_s)
-        pipe.incrby(USED, size)
-        pipe.execute()
+            return 0
+        args: list = [self._ttl_s]
+        for i, data in frames.items():
+            args += [frame_field(i, kind), data]
+        return int(self._put(keys=[frames_key(job_id), _bytes_key(job_id), USED,
+                                   f"zroact:job:{job_id}:done"], args=args))
 
     def get_many(self, job_id: str, indices: list[int], kind: str = "full") -> dict[int, bytes]:
         """Every requested frame, in one round trip; FrameMissingError if any is absent."""
@@ -94,7 +135,17 @@ class FrameStore:
 
     def admit(self, job_id: str, estimate: int, budget: int) -> bool:
         """Reserve ``estimate`` bytes for a job's ingest if the budget has room (``_ADMIT``)."""
-        return bool(self._admit(keys=[USED, RESERVED], args=[estimate, budget, job_id]))
+        return bool(self._admit(keys=[USED, RESERVED, _bytes_key(job_id)],
+                                args=[estimate, budget, job_id]))
+
+    def reconcile(self, unfinished_key: str) -> tuple[int, int, int]:
+        """Recount ``USED`` from the unfinished jobs (the sorted set at ``unfinished_key``) and
+        drop reservations of ended jobs: (bytes before, bytes now, reservations dropped)."""
+        before, used, dropped = self._reconcile(keys=[unfinished_key, USED, RESERVED])
+        return int(before), int(used), int(dropped)
+
+    def held_bytes(self, job_id: str) -> int:
+        return int(self._redis.get(_bytes_key(job_id)) or 0)
 
     def release(self, job_id: str) -> None:
         """The job's ingest ended: its frames are now counted as held, not reserved."""
