@@ -18,7 +18,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from .config import STAGE2_CONCURRENCY_RANGE, Settings, use_settings
+from .config import STAGE2_CONCURRENCY_RANGE, Settings, timeout_problems, use_settings
 from .errors import ConfigError, InputError, ZroactError
 from .models import JobReport
 from .progress import follow
@@ -271,6 +271,8 @@ def worker(role: str, concurrency: int | None, name: str | None, loglevel: str) 
     if role == "stage2":
         concurrency = stage2_concurrency(settings, concurrency)
     use_settings(settings)  # before the app is imported: celeryconfig reads it
+    for problem in timeout_problems(settings):
+        click.echo(f"warning: {problem}", err=True)
     from .app import app
 
     pool = "prefork"

@@ -160,7 +160,7 @@ def stage2_time_limit_s(s: Settings) -> float:
     """A Stage 2 task's worst case: every VLM attempt timing out, the backoff between them,
     and a margin for reading frames and recording the verdict."""
     backoff = sum(min(s.vlm_backoff_max_s, 0.5 * 2**i) for i in range(s.vlm_max_retries))
-    return (s.vlm_max_retries + 1) * s.vlm_timeout_s + backoff + 30.0
+    return (s.vlm_max_retries + 1) * s.vlm_timeout_s + backoff + 10.0
 
 
 def task_time_limits(s: Settings) -> dict[str, float]:

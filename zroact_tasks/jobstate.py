@@ -101,7 +101,9 @@ return 1
 """
 
 RESENDS = "zroact:metrics:resends"
-"""Hash: what the reconciler sent again (ingest, stage1, stage2, finalize, lost_task) -> count."""
+"""Hash: what the reconciler sent again -> count (for metrics)."""
+RESEND_KINDS = ("ingest", "stage1", "stage2", "finalize", "window", "lost_task")
+"""``lost_task``: a message given back from a lost worker; the others: a job's missing step."""
 
 JOB_PARTS = ("", "kf", "groups", "groups_done", "done", "pending", "inflight", "offered")
 """Every per-job key but the frame store's (which deletes its own)."""

@@ -27,7 +27,7 @@ import celeryconfig
 
 from .app import make_app
 from .config import Settings, get_settings
-from .jobstate import DEADLINES, JOBS_ENDED, VLM_ERRORS
+from .jobstate import DEADLINES, JOBS_ENDED, RESEND_KINDS, RESENDS, VLM_ERRORS
 from .models import FINAL_STATES
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ class ClusterCollector:
         pipe.zrange(DEADLINES, 0, JOB_SCAN_LIMIT - 1)
         pipe.hgetall(JOBS_ENDED)
         pipe.hgetall(VLM_ERRORS)
-        *lengths, unfinished, ended, vlm_errors = pipe.execute()
+        pipe.hgetall(RESENDS)
+        *lengths, unfinished, ended, vlm_errors, resends = pipe.execute()
 
         n = 1 + len(PRIORITY_STEPS)  # lists per queue
         depth = {queue: sum(lengths[i * n:(i + 1) * n]) for i, queue in enumerate(self.queues)}
@@ -84,6 +85,9 @@ class ClusterCollector:
                     {s: int(ended.get(s, 0)) for s in sorted(FINAL_STATES | set(ended))}),
             _family(CounterMetricFamily, "zroact_vlm_errors", "Stage 2 VLM errors, by error class.",
                     "kind", {k: int(v) for k, v in sorted(vlm_errors.items())}),
+            _family(CounterMetricFamily, "zroact_resends", "Steps the reconciler sent again, by "
+                    "what was missing.", "what", {w: int(resends.get(w, 0)) for w in sorted(
+                        set(RESEND_KINDS) | set(resends))}),
         ]
 
 

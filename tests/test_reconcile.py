@@ -1,0 +1,198 @@
+"""Each step of a job run twice has one effect; a job whose messages are lost is repaired.
+
+The first half drives the Redis records directly (a real redis-server); the second runs real
+clusters whose messages are deleted from Redis on purpose, as a Redis that lost its last second
+of writes would.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+
+from zroact_tasks import pipeline
+from zroact_tasks.jobstate import JOBS_ENDED, RESENDS, JobStore
+from zroact_tasks.media.store import RESERVED, USED, FrameStore
+from zroact_tasks.models import JobSpec
+from zroact_tasks.redisconn import connect
+
+from .conftest import start_cluster
+from .helpers import validate_report
+
+
+def _db(redis_server, n: int) -> str:
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{n}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+def _spec(job_id: str = "j1") -> JobSpec:
+    return JobSpec(job_id=job_id, video="/v.mp4", prompt="p", keyframe_stride=10,
+                   sampling_rate=1, clip_length=16, slot_size=3, score_threshold=0.3,
+                   nms_iou=0.5, max_detections=300, submitted_at=time.time(), priority=5)
+
+
+@pytest.fixture
+def store_db(redis_server):
+    url = _db(redis_server, 11)
+    jobs = JobStore(url, ttl_s=600)
+    frames = FrameStore(connect(url), ttl_s=600)
+    return url, jobs, frames
+
+
+# --- one effect per step, whatever the number of runs -----------------------------------------
+def test_frames_stored_twice_are_counted_once_and_none_after_the_job_ended(store_db):
+    url, jobs, frames = store_db
+    r = redis.Redis.from_url(url)
+    jobs.create(_spec(), 60)
+    assert frames.put_many("j1", {0: b"abcd", 1: b"ef"}) == 6
+    assert frames.put_many("j1", {0: b"abcd", 1: b"ef", 2: b"g"}) == 1  # a re-run ingest
+    assert frames.used_bytes() == 7 and frames.held_bytes("j1") == 7
+    jobs.close_barrier("j1")
+    assert frames.put_many("j1", {3: b"late"}) == -1  # the job ended: nothing stored
+    assert not r.hexists("zroact:job:j1:frames", "3") and frames.used_bytes() == 7
+    frames.delete("j1")
+    assert frames.used_bytes() == 0
+
+
+def test_budget_recount_drops_stale_reservations_and_drift(store_db):
+    url, jobs, frames = store_db
+    r = redis.Redis.from_url(url)
+    jobs.create(_spec("live"), 60)
+    frames.put_many("live", {0: b"12345"})
+    assert frames.admit("live", 100, 10**6) and frames.admit("gone", 50, 10**6)
+    r.incrby(USED, 999)  # drift: e.g. a reply lost after an INCRBY that was applied
+    before, now, dropped = frames.reconcile("zroact:deadlines")
+    assert (before, now, dropped) == (1004, 5, 1)
+    assert r.hkeys(RESERVED) == [b"live"]
+
+
+def test_a_rerun_ingest_is_not_kept_waiting_by_its_own_frames(store_db):
+    _, jobs, frames = store_db
+    jobs.create(_spec(), 60)
+    frames.put_many("j1", {0: b"x" * 80})
+    assert frames.admit("j1", 100, budget=120)  # 80 held are its own, within its estimate
+    assert not frames.admit("other", 100, budget=120)
+
+
+def test_a_slot_offered_twice_enters_the_window_once(store_db):
+    _, jobs, _ = store_db
+    jobs.create(_spec(), 60)
+    item = {"slot": 0, "keyframes": [9, 19, 29]}
+    assert jobs.pump_slots("j1", 1, offer=item) == [item]
+    assert jobs.pump_slots("j1", 1, offer=item) == []  # the same slot from a second ingest
+    assert jobs.pump_slots("j1", 1, release=item) == []  # nothing else was pending
+    assert jobs.pending_and_inflight("j1") == ([], [])
+
+
+def test_a_verdict_replaces_an_error_but_not_the_reverse(store_db):
+    _, jobs, _ = store_db
+    jobs.create(_spec(), 60)
+    jobs.update("j1", groups_total=2)
+    assert jobs.record_group("j1", 0, {"error": "slot failed: something"}) == 1
+    assert jobs.record_group("j1", 0, {"stage2": True, "verdict": {"action": "a"}}) == 1
+    assert jobs.record_group("j1", 0, {"error": "late error"}) == 0
+    assert jobs.record_group("j1", 0, {"stage2": True, "verdict": {"action": "b"}}) == 0
+    assert jobs.groups("j1")[0]["verdict"] == {"action": "a"}
+    assert jobs.record_group("j1", 1, {"error": "x"}) == 2  # closes the barrier, once
+    assert jobs.record_group("j1", 1, {"stage2": True, "verdict": {"action": "c"}}) == 0
+    assert jobs.groups("j1")[1] == {"error": "x"}  # the report is being built: frozen
+
+
+def test_a_report_saved_twice_counts_the_job_once(store_db):
+    url, jobs, _ = store_db
+    jobs.create(_spec(), 60)
+    assert jobs.save_report("j1", '{"first": 1}', "succeeded")
+    assert not jobs.save_report("j1", '{"second": 2}', "failed")
+    assert jobs.report_json("j1") == '{"first": 1}'
+    assert redis.Redis.from_url(url, decode_responses=True).hgetall(JOBS_ENDED) == {"succeeded": "1"}
+    assert jobs.meta("j1")["state"] == "succeeded"
+
+
+# --- re-sends racing the original, on a real cluster ----------------------------------------
+@pytest.fixture
+def quick_repair_cluster(redis_server, standin, assets, tmp_path):
+    url = _db(redis_server, 12)
+    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url,
+           "ZROACT_NO_PROGRESS_S": "4", "ZROACT_RECONCILE_INTERVAL_S": "0.5"}
+    cluster, client = start_cluster(url, env, tmp_path / "logs")
+    yield url, cluster, client
+    cluster.stop()
+    client.close()
+
+
+def _requests_by_first_frame(standin, first: int) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for request in standin.requests[first:]:
+        text = request["messages"][0]["content"][3]["text"]
+        frame = int(text.split("frame ", 1)[1].split()[0].strip(",:;()"))
+        counts[frame] = counts.get(frame, 0) + 1
+    return counts
+
+
+def test_ingest_and_a_slot_sent_twice_while_in_flight_make_one_report(quick_repair_cluster,
+                                                                       standin, assets):
+    url, _, client = quick_repair_cluster
+    first = len(standin.requests)
+    job = client.submit(assets["video"])
+    spec = client.jobs.spec(job.id)
+    # A second ingest of the same job while the first runs (a reconciler's re-send).
+    client.app.send_task(pipeline.INGEST, args=(spec.model_dump(mode="json"),),
+                         task_id=pipeline.ingest_id(job.id))
+    deadline = time.monotonic() + 30
+    while "frame_size" not in client.jobs.meta(job.id) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # Slot 0's chord and finalize-worthy steps again, while the originals are in flight.
+    pipeline.send_slot(client.app, job.id, 0, [9, 19, 29], params={
+        "clip_length": 16, "sampling_rate": 1, "score_threshold": 0.3, "nms_iou": 0.5,
+        "max_detections": 300, "frame_size": json.loads(client.jobs.meta(job.id)["frame_size"])},
+        judge=True, batch=1, priority=5)
+    report = job.wait(timeout=120)
+    validate_report(report.model_dump(mode="json"))
+    assert report.status == "succeeded"
+    assert [s.slot for s in report.slots] == list(range(13))
+    assert all(s.verdict is not None for s in report.slots)
+    counts = _requests_by_first_frame(standin, first)
+    # Every slot asked once, slot 0 at most twice (its chord ran twice; one verdict kept).
+    assert set(counts) == {s.keyframes[0] for s in report.slots}
+    assert all(n == 1 for f, n in counts.items() if f != 9) and counts[9] in (1, 2)
+    r = redis.Redis.from_url(url, decode_responses=True)
+    assert r.hgetall(JOBS_ENDED) == {"succeeded": "1"}
+    pipeline.send_finalize(client.app, job.id)  # finalize again, after the end
+    time.sleep(1.0)
+    assert r.hgetall(JOBS_ENDED) == {"succeeded": "1"}
+    assert int(r.get(USED) or 0) == 0 and not r.exists(f"zroact:job:{job.id}:frames")
+
+
+def test_a_job_whose_ingest_message_was_lost_is_repaired(quick_repair_cluster, assets):
+    url, _, client = quick_repair_cluster
+    job = client.submit(assets["short_video"])
+    r = redis.Redis.from_url(url, decode_responses=True)
+    # Lose the ingest before a worker takes it: the job record exists, its message does not.
+    spec = client.jobs.spec(job.id)
+    client.jobs.r.delete(f"zroact:job:{job.id}")
+    client.jobs.create(spec, 3600)  # as submitted, with nothing sent
+    report = job.wait(timeout=60)
+    assert report.status == "succeeded"
+    assert int(r.hget(RESENDS, "ingest") or 0) >= 1
+
+
+def test_a_job_whose_stage2_messages_were_lost_is_repaired(quick_repair_cluster, standin, assets):
+    url, cluster, client = quick_repair_cluster
+    stage2 = [w for w in cluster.workers if w.role == "stage2"][0]
+    cluster.remove_worker(stage2)  # Stage 2 requests wait in their queue
+    r = redis.Redis.from_url(url, decode_responses=True)
+    job = client.submit(assets["short_video"])  # 47 frames: 4 keyframes, one full slot
+    deadline = time.monotonic() + 60
+    while not r.llen("stage2") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert r.llen("stage2") == 1
+    r.delete("stage2")  # the message is lost, as with a Redis that died before its fsync
+    fresh = cluster.add_worker("stage2")
+    cluster.wait_ready(client.app, workers=[fresh])
+    report = job.wait(timeout=60)
+    assert report.status == "succeeded" and report.slots[0].verdict is not None
+    assert int(r.hget(RESENDS, "stage2") or 0) == 1
