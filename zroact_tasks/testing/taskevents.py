@@ -5,6 +5,11 @@ events (all workers and clients send them: ``task_send_sent_event`` and ``-E``).
 
 - dispatch latency = start - max(enqueue, the moment a worker slot came free);
 - handoff = a slot's last Stage 1 result -> its Stage 2 task enqueued.
+
+Task ids are derived from the job id (``{job}:s2:0``), so a task that runs twice (a redelivery)
+keeps one :class:`TaskTimes`: ``started``/``ended`` are the last run's, while ``starts``,
+``start_times``, ``succeeded``, ``failed`` and ``revoked`` count every event. Tests count runs
+with those, never with the number of ids.
 """
 
 from __future__ import annotations
@@ -25,6 +30,16 @@ class TaskTimes:
     started: float | None = None
     ended: float | None = None
     hostname: str = ""
+    start_times: list[float] = field(default_factory=list)  # one per task-started event
+    start_hosts: list[str] = field(default_factory=list)
+    succeeded: int = 0
+    failed: int = 0
+    revoked: int = 0
+
+    @property
+    def starts(self) -> int:
+        """How many times the task started (a redelivered task starts more than once)."""
+        return len(self.start_times)
 
 
 @dataclass
@@ -38,12 +53,35 @@ class EventLog:
             return
         with self.lock:
             t = self.tasks.setdefault(uuid, TaskTimes(uuid))
+            if not t.name and event.get("name"):  # task-received carries it too
+                t.name = event["name"]
             if kind == "task-sent":
                 t.sent, t.name = event["timestamp"], event.get("name", t.name)
             elif kind == "task-started":
                 t.started, t.hostname = event["timestamp"], event.get("hostname", "")
+                t.start_times.append(event["timestamp"])
+                t.start_hosts.append(t.hostname)
             elif kind in ("task-succeeded", "task-failed"):
                 t.ended = event["timestamp"]
+                if kind == "task-succeeded":
+                    t.succeeded += 1
+                else:
+                    t.failed += 1
+            elif kind == "task-revoked":
+                t.revoked += 1
+
+    def starts(self, name: str | None = None, prefix: str = "") -> dict[str, int]:
+        """Task id -> how many times it started, for tasks named ``name`` whose id starts with
+        ``prefix`` (a job id) and that started at least once."""
+        with self.lock:
+            return {t.id: t.starts for t in self.tasks.values()
+                    if t.starts and (name is None or t.name == name) and t.id.startswith(prefix)}
+
+    def started_after(self, moment: float, prefix: str = "") -> list[tuple[str, str, float]]:
+        """(id, name, start time) of every start later than ``moment`` (``time.time()``)."""
+        with self.lock:
+            return sorted(((t.id, t.name, s) for t in self.tasks.values() if t.id.startswith(prefix)
+                           for s in t.start_times if s > moment), key=lambda x: x[2])
 
 
 class EventRecorder:
