@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import pytest
 import redis
@@ -143,7 +144,8 @@ def test_ingest_and_a_slot_sent_twice_while_in_flight_make_one_report(quick_repa
     client.app.send_task(pipeline.INGEST, args=(spec.model_dump(mode="json"),),
                          task_id=pipeline.ingest_id(job.id))
     deadline = time.monotonic() + 30
-    while "frame_size" not in client.jobs.meta(job.id) and time.monotonic() < deadline:
+    while not client.jobs.r.sismember(f"zroact:job:{job.id}:offered", "0"):
+        assert time.monotonic() < deadline, "slot 0 never offered"
         time.sleep(0.02)
     # Slot 0's chord and finalize-worthy steps again, while the originals are in flight.
     pipeline.send_slot(client.app, job.id, 0, [9, 19, 29], params={
@@ -152,7 +154,8 @@ def test_ingest_and_a_slot_sent_twice_while_in_flight_make_one_report(quick_repa
         judge=True, batch=1, priority=5)
     report = job.wait(timeout=120)
     validate_report(report.model_dump(mode="json"))
-    assert report.status == "succeeded"
+    assert report.status == "succeeded", [(s.slot, s.error) for s in report.slots if s.error] + [
+        (k.index, k.error) for k in report.keyframes if k.error]
     assert [s.slot for s in report.slots] == list(range(13))
     assert all(s.verdict is not None for s in report.slots)
     counts = _requests_by_first_frame(standin, first)
@@ -169,12 +172,12 @@ def test_ingest_and_a_slot_sent_twice_while_in_flight_make_one_report(quick_repa
 
 def test_a_job_whose_ingest_message_was_lost_is_repaired(quick_repair_cluster, assets):
     url, _, client = quick_repair_cluster
-    job = client.submit(assets["short_video"])
     r = redis.Redis.from_url(url, decode_responses=True)
-    # Lose the ingest before a worker takes it: the job record exists, its message does not.
-    spec = client.jobs.spec(job.id)
-    client.jobs.r.delete(f"zroact:job:{job.id}")
-    client.jobs.create(spec, 3600)  # as submitted, with nothing sent
+    # The job's record was written, its ingest message lost (as Client.submit does, minus
+    # the publish).
+    spec = _spec(uuid.uuid4().hex).model_copy(update={"video": str(assets["short_video"])})
+    client.jobs.create(spec, 3600)
+    job = client.job(spec.job_id)
     report = job.wait(timeout=60)
     assert report.status == "succeeded"
     assert int(r.hget(RESENDS, "ingest") or 0) >= 1
@@ -186,11 +189,12 @@ def test_a_job_whose_stage2_messages_were_lost_is_repaired(quick_repair_cluster,
     cluster.remove_worker(stage2)  # Stage 2 requests wait in their queue
     r = redis.Redis.from_url(url, decode_responses=True)
     job = client.submit(assets["short_video"])  # 47 frames: 4 keyframes, one full slot
+    lists = lambda: [k for k in r.scan_iter("stage2*") if r.type(k) == "list"]  # noqa: E731
     deadline = time.monotonic() + 60
-    while not r.llen("stage2") and time.monotonic() < deadline:
+    while not lists() and time.monotonic() < deadline:  # one list per priority level
         time.sleep(0.05)
-    assert r.llen("stage2") == 1
-    r.delete("stage2")  # the message is lost, as with a Redis that died before its fsync
+    assert sum(r.llen(k) for k in lists()) == 1
+    r.delete(*lists())  # the message is lost, as with a Redis that died before its fsync
     fresh = cluster.add_worker("stage2")
     cluster.wait_ready(client.app, workers=[fresh])
     report = job.wait(timeout=60)

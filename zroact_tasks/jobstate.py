@@ -234,6 +234,10 @@ class JobStore:
         return int(self._record(keys=self._barrier_keys(job_id),
                                 args=[str(group), json.dumps(record), self.ttl_s, time.time()]))
 
+    def group_record(self, job_id: str, group: int) -> dict | None:
+        raw = self.r.hget(_key(job_id, "groups"), str(group))
+        return json.loads(raw) if raw else None
+
     def group_done(self, job_id: str, group: int) -> bool:
         return bool(self.r.hexists(_key(job_id, "groups"), str(group)))
 

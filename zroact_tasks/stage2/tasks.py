@@ -51,8 +51,8 @@ def judge_slot(self, job_id: str, slot: int, keyframes: list[int],
                detections: dict[str, list]) -> dict:
     """Ask the VLM about one slot of keyframes and record its verdict or its error."""
     jobs, settings = resources.jobs(), get_settings()
-    if jobs.group_done(job_id, slot):  # redelivered after the slot was recorded
-        return {"slot": slot, "duplicate": True}
+    if "verdict" in (jobs.group_record(job_id, slot) or {}):  # a verdict is final; an
+        return {"slot": slot, "duplicate": True}  # error may still be mended by this run
     started = time.time()
     record: dict = {"stage2": True, "t0": started}
     try:
