@@ -57,15 +57,24 @@ def role(cluster, name):
     return [w for w in cluster.workers if w.role == name][0]
 
 
+def in_flight_on(recorder, hostname: str) -> list[str]:
+    """Ids of the tasks running on ``hostname`` now: started and not ended since."""
+    with recorder.log.lock:
+        return [t.id for t in recorder.log.tasks.values() if t.hostname == hostname
+                and t.started and (t.ended is None or t.ended < t.started)]
+
+
 def assert_complete_once(report, recorder, n_slots: int) -> None:
     validate_report(report.model_dump(mode="json"))
     assert report.status == "succeeded", report.model_dump()
     assert len({k.index for k in report.keyframes}) == len(report.keyframes)
     assert all(k.error is None and k.detections for k in report.keyframes)
     assert len(report.slots) == n_slots and all(s.verdict is not None for s in report.slots)
-    started = Counter(t.id for t in recorder.log.tasks.values()
-                      if t.name == "zroact.control.slot_ready" and t.started)
-    assert started and set(started.values()) == {1}, started  # each chord body ran once
+    # Runs, not ids: a body that ran twice keeps its one id ({job}:slot:N) but starts twice.
+    groups = -(-len(report.keyframes) // 3)  # SLOT_SIZE 3: full slots and a trailing partial one
+    bodies = recorder.log.starts("zroact.control.slot_ready", prefix=report.job_id)
+    assert sorted(bodies) == [f"{report.job_id}:slot:{g}" for g in range(groups)], bodies
+    assert set(bodies.values()) == {1}, bodies  # each chord body ran once
 
 
 def test_sigkill_of_a_stage1_pool_child_mid_task(slow_cluster, assets):
@@ -76,13 +85,18 @@ def test_sigkill_of_a_stage1_pool_child_mid_task(slow_cluster, assets):
         wait_until(lambda: job.status().stage1_done >= 1, 60, "the first clip")
         (child,) = pool_children(stage1.proc.pid)
         time.sleep(0.1)  # the child is inside its next 0.4 s clip
+        in_flight = in_flight_on(recorder, stage1.name)
         os.kill(child, signal.SIGKILL)
         report = job.wait(timeout=120)
         time.sleep(0.3)
     assert_complete_once(report, recorder, 1)
     assert stage1.alive and pool_children(stage1.proc.pid) != [child]  # a new pool child
-    runs = Counter(t.id for t in recorder.log.tasks.values() if t.name == "zroact.stage1.detect_clips")
-    assert len(runs) == 4
+    assert len(in_flight) == 1, in_flight  # a clip was running when the child died
+    killed = recorder.log.tasks[in_flight[0]]
+    # The killed clip ran again (once) and only that run reported; the other clips ran once.
+    assert (killed.starts, killed.succeeded, killed.failed) == (2, 1, 0), killed
+    runs = recorder.log.starts("zroact.stage1.detect_clips", prefix=job.id)
+    assert len(runs) == 4 and sum(runs.values()) == 5, runs
 
 
 def test_sigkill_of_stage2_pool_children_mid_request(slow_cluster, standin, assets):
@@ -100,8 +114,9 @@ def test_sigkill_of_stage2_pool_children_mid_request(slow_cluster, standin, asse
         report = job.wait(timeout=120)
         time.sleep(0.3)
     assert_complete_once(report, recorder, 1)
-    judged = Counter(t.id for t in recorder.log.tasks.values() if t.name == "zroact.stage2.judge_slot")
-    assert list(judged.values()) == [1]  # the killed run never reported; the rerun did
+    judge = recorder.log.tasks[f"{job.id}:s2:0"]
+    # Two runs of the one id: the killed one never reported, the rerun did, once.
+    assert (judge.starts, judge.succeeded, judge.failed) == (2, 1, 0), judge
     assert len(standin.requests) - first == 2  # the killed request was made again, once
 
 
@@ -115,9 +130,7 @@ def test_sigkill_of_a_whole_worker_redelivers_after_the_visibility_timeout(slow_
         cluster.workers.remove(stage1)  # no supervisor restart: we start a new one ourselves
         stage1.signal(signal.SIGKILL)  # parent and pool child: the running task stays unacked
         killed_at = time.time()
-        with recorder.log.lock:
-            in_flight = [t.id for t in recorder.log.tasks.values()
-                         if t.hostname == stage1.name and t.started and not t.ended]
+        in_flight = in_flight_on(recorder, stage1.name)
         stage1.proc.wait()
         replacement = cluster.add_worker("stage1")
         cluster.wait_ready(client.app, workers=[replacement])
@@ -127,6 +140,7 @@ def test_sigkill_of_a_whole_worker_redelivers_after_the_visibility_timeout(slow_
     assert len(in_flight) == 1
     rerun = recorder.log.tasks[in_flight[0]]
     assert rerun.hostname == replacement.name and rerun.ended
+    assert rerun.start_hosts == [stage1.name, replacement.name] and rerun.succeeded == 1, rerun
     waited = rerun.started - killed_at
     print(f"redelivery after whole-worker SIGKILL: {waited:.1f} s")
     # The unacked task comes back once it is older than the visibility timeout, at the next
