@@ -6,7 +6,6 @@ import json
 import signal
 import threading
 import time
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -78,23 +77,39 @@ def _batching_env(assets, standin, tmp_path, timeout_ms: float) -> dict[str, str
             "ZROACT_STAGE1_BATCH_TIMEOUT_MS": str(timeout_ms), "ZROACT_VISIBILITY_TIMEOUT_S": "10"}
 
 
+# One video per job, each telling its rows apart: the square's colour is the class, its size and
+# the frame size move the box. Same keyframe indices in every job, so rows handed to the clip of
+# the same index in another job (a swap the batcher could make) show as a wrong class or box.
+BATCH_VIDEOS = [  # colour, class id, width, height, side
+    ("red", 0, 320, 240, 40), ("green", 1, 320, 240, 40), ("blue", 2, 320, 240, 64),
+    ("red", 0, 256, 192, 24),
+]
+
+
 def test_clips_of_concurrent_jobs_share_calls(redis_server, standin, assets, tmp_path):
+    from zroact_tasks.testing.sample_media import make_video, square_bbox
+
+    videos = [make_video(tmp_path / f"{colour}-{w}x{h}-{side}.mp4", frames=47, width=w, height=h,
+                         side=side, colour=colour)
+              for colour, _, w, h, side in BATCH_VIDEOS]
     url = redis_server.url.rsplit("/", 1)[0] + "/12"
     redis.Redis.from_url(url).flushdb()
     cluster, client = start_cluster(url, _batching_env(assets, standin, tmp_path, 50), tmp_path / "logs")
     try:
-        jobs = [client.submit(assets["short_video"]) for _ in range(4)]
+        jobs = [client.submit(video) for video in videos]
         reports = [j.wait(timeout=120) for j in jobs]
     finally:
         cluster.stop()
         client.close()
-    for report in reports:
+    for report, (colour, class_id, w, h, side) in zip(reports, BATCH_VIDEOS):
         validate_report(report.model_dump(mode="json"))
         assert report.status == "succeeded"
+        assert (report.video.width, report.video.height) == (w, h)
+        assert [k.index for k in report.keyframes] == [9, 19, 29, 39]
         for kf in report.keyframes:  # each clip got its own rows back: the square of its frame
-            from zroact_tasks.testing.sample_media import square_bbox
-
-            assert kf.detections[0].box == pytest.approx(square_bbox(kf.index, 320, 240, 40), abs=3)
+            top = kf.detections[0]
+            assert top.class_id == class_id, (colour, kf.index, top)
+            assert top.box == pytest.approx(square_bbox(kf.index, w, h, side), abs=3), (colour, kf.index)
     sizes = [e["n"] for e in read_log(tmp_path / "calls.jsonl")]
     assert sum(sizes) == 16 and max(sizes) > 1
 
@@ -132,7 +147,14 @@ def test_sigkill_with_a_half_filled_batch_loses_nothing(redis_server, standin, a
     validate_report(report.model_dump(mode="json"))
     assert report.status == "succeeded" and len(report.keyframes) == 4
     assert all(k.detections for k in report.keyframes)
-    bodies = Counter(t.id for t in recorder.log.tasks.values() if t.name == "zroact.control.slot_ready")
-    assert sorted(bodies.values()) == [1, 1]  # each slot's chord body (one full, one partial) ran once
+    # Runs, not ids (a rerun keeps its id): each slot's chord body (one full, one partial) ran
+    # once; each clip ran twice, buffered on the killed worker, then on the replacement, which
+    # alone reported.
+    bodies = recorder.log.starts("zroact.control.slot_ready", prefix=job.id)
+    assert sorted(bodies) == [f"{job.id}:slot:0", f"{job.id}:slot:1"] and set(bodies.values()) == {1}
+    clips = {i: t for i, t in recorder.log.tasks.items() if t.name == "zroact.stage1.detect_clips"}
+    assert len(clips) == 4, clips
+    for t in clips.values():
+        assert t.start_hosts == [stage1.name, replacement.name] and t.succeeded == 1, t
     sizes = [e["n"] for e in read_log(tmp_path / "calls.jsonl")]
     assert sum(sizes) == 4  # only the replacement ran them: nothing ran before the kill

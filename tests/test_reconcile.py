@@ -118,7 +118,7 @@ def test_a_report_saved_twice_counts_the_job_once(store_db):
 def quick_repair_cluster(redis_server, standin, assets, tmp_path):
     url = _db(redis_server, 12)
     env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url,
-           "ZROACT_NO_PROGRESS_S": "4", "ZROACT_RECONCILE_INTERVAL_S": "0.5"}
+           "ZROACT_REPAIR_QUIET_S": "2", "ZROACT_RECONCILE_INTERVAL_S": "0.5"}
     cluster, client = start_cluster(url, env, tmp_path / "logs")
     yield url, cluster, client
     cluster.stop()

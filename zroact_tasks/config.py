@@ -113,9 +113,15 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(1200, ge=2)
     """Redis redelivers an unacked task after this: above the longest task's time limit, or a
     running task is delivered twice. A dead worker's tasks come back sooner (``WORKER_LOST_S``)."""
+    repair_quiet_s: float = Field(20.0, gt=0)
+    """A job that recorded nothing and had none of its tasks queued or held by any worker for
+    this long (seen so by sweeps this far apart) has lost a message: what is missing is sent
+    again (control/reconcile.py). Safe at any value above a message's transit (milliseconds),
+    since it checks where every task is; 20 s keeps it clear of a restarting worker."""
     no_progress_s: float = Field(1500.0, gt=0)
-    """A job that recorded nothing for this long, with none of its tasks queued or held by a
-    worker, is repaired: what is missing is sent again (control/reconcile.py)."""
+    """The backstop: a job that recorded nothing for this long is repaired even if some task of
+    it still looks queued or held (by then the visibility timeout has brought back anything a
+    worker held)."""
     worker_lost_s: float = Field(30.0, gt=0)
     """A worker whose heartbeat is this old is lost; the tasks it held go back to their queue."""
     reconcile_interval_s: float = Field(2.0, gt=0)

@@ -141,7 +141,7 @@ class JobStore:
         return self.r.zrange(DEADLINES, 0, -1)
 
     def touch(self, job_id: str) -> None:
-        """The job made progress (the reconciler leaves it alone for ``NO_PROGRESS_S``)."""
+        """The job made progress (the reconciler leaves it alone for ``REPAIR_QUIET_S``)."""
         self.r.hset(_key(job_id), "progress_at", time.time())
 
     def count_resend(self, what: str) -> None:

@@ -33,6 +33,10 @@ def slot_ready_id(job_id: str, slot: int) -> str:
     return f"{job_id}:slot:{slot}"
 
 
+def slot_failed_id(job_id: str, slot: int) -> str:
+    return f"{job_id}:slotfail:{slot}"
+
+
 def judge_id(job_id: str, slot: int) -> str:
     return f"{job_id}:s2:{slot}"
 
@@ -61,7 +65,9 @@ def send_slot(app: Celery, job_id: str, slot: int, keyframes: list[int], *, para
                          task_id=slot_ready_id(job_id, slot), priority=BOOKKEEPING_PRIORITY)
     # Old-style errback (first argument: the failed task's id), so Celery sends it as a task to
     # the control queue instead of running it inside the worker that saw the failure.
+    # A fixed id, as every task of a job has: the reconciler tells a job's tasks by their ids.
     body.on_error(app.signature(SLOT_FAILED, args=(job_id, slot, keyframes),
+                                task_id=slot_failed_id(job_id, slot),
                                 priority=BOOKKEEPING_PRIORITY))
     chord(header, body).apply_async()
 

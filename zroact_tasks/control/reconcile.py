@@ -6,10 +6,13 @@ Runs in each control worker's sweeper thread (control/deadlines.py), every
 1. **Lost workers.** An unacked message whose holder's heartbeat has expired (liveness.py) goes
    back to the head of its queue, through kombu's own ``restore_by_tag`` (a WATCH transaction,
    so two control workers cannot give it back twice).
-2. **Stranded jobs.** A job that recorded nothing for ``NO_PROGRESS_S`` and has no task queued or
-   held by any worker has lost a message (a Redis that died before its AOF fsync, a publish
-   that failed for longer than the retries): what it misses is sent again — the ingest, a
-   slot's Stage 1 chord, a slot's Stage 2 request, or ``finalize``. Every step is idempotent,
+2. **Stranded jobs.** A job that recorded nothing, and had no task queued or held by any worker,
+   for ``REPAIR_QUIET_S`` (seen so by two sweeps that far apart) has lost a message: a Redis
+   restart that cut a worker's BRPOP after the pop (kombu moves a message to ``unacked`` only
+   once it has it), a chord counter incremented twice by a retried command, a Redis that died
+   before its AOF fsync. What it misses is sent again — the ingest, a slot's Stage 1 chord, a
+   slot's Stage 2 request, the window's next slots or ``finalize``. Past ``NO_PROGRESS_S``
+   (above the visibility timeout) a job is repaired even if some task of it looks held. Every step is idempotent,
    so a re-send that races the original is harmless (tests/test_reconcile.py sends each twice).
 3. **Budgets.** The held-bytes counter is recounted from the unfinished jobs' own counters, and
    reservations of jobs that ended are dropped.
@@ -49,6 +52,7 @@ class Reconciler:
         self.settings = get_settings()
         self.r = connect(self.settings.redis_url)
         self.redis_ok_since: float | None = None
+        self.quiet_since: dict[str, float] = {}  # job -> when this worker first saw it quiet
 
     # --- 1. lost workers ------------------------------------------------------------------
     def restore_lost_tasks(self, now: float | None = None) -> list[str]:
@@ -106,23 +110,38 @@ class Reconciler:
         return ids
 
     def stranded(self, now: float | None = None) -> list[str]:
-        """Unfinished jobs with no progress for NO_PROGRESS_S and no task queued or held."""
+        """Unfinished jobs to repair: quiet (nothing recorded, nothing queued or held) since
+        ``REPAIR_QUIET_S``, or nothing recorded since ``NO_PROGRESS_S`` whatever looks held."""
         now = time.time() if now is None else now
-        jobs = resources.jobs()
-        candidates = []
+        jobs, s = resources.jobs(), self.settings
+        idle: dict[str, float] = {}
         for job_id in jobs.unfinished():
             progress = jobs.r.hget(f"zroact:job:{job_id}", "progress_at")
-            if progress is None or now - float(progress) >= self.settings.no_progress_s:
-                candidates.append(job_id)
-        if not candidates:
+            age = now - float(progress) if progress is not None else float("inf")
+            if age >= s.repair_quiet_s:
+                idle[job_id] = age
+        if not idle:
+            self.quiet_since.clear()
             return []
         busy = {task_id.split(":", 1)[0] for task_id in self.queued_or_held()}
-        return [job_id for job_id in candidates if job_id not in busy]
+        out = []
+        for job_id, age in idle.items():
+            if job_id in busy:
+                self.quiet_since.pop(job_id, None)
+                if age >= s.no_progress_s:
+                    out.append(job_id)
+                continue
+            since = self.quiet_since.setdefault(job_id, now)
+            if now - since >= s.repair_quiet_s:
+                out.append(job_id)
+        for job_id in set(self.quiet_since) - set(idle):
+            del self.quiet_since[job_id]
+        return out
 
     def repair(self, job_id: str) -> list[str]:
         """Send again what the job misses; what was sent (e.g. ``["stage2:4"]``)."""
         jobs = resources.jobs()
-        if not jobs.lock_repair(job_id, self.settings.no_progress_s / 2):
+        if not jobs.lock_repair(job_id, self.settings.repair_quiet_s):
             return []  # another control worker repairs it
         meta = jobs.r.hgetall(f"zroact:job:{job_id}")
         if not meta:  # expired or deleted: nothing to finish
@@ -142,11 +161,11 @@ class Reconciler:
             sent.append("ingest")
         else:
             sent += self._repair_slots(job_id, meta)
-        jobs.touch(job_id)  # give what was sent NO_PROGRESS_S to show progress
+        jobs.touch(job_id)  # give what was sent REPAIR_QUIET_S to show progress
         for what in sent:
             jobs.count_resend(what.split(":")[0])
-            log.warning("job %s: re-sent %s (no progress for %g s, nothing queued or held)",
-                        job_id, what, self.settings.no_progress_s)
+            log.warning("job %s: re-sent %s (nothing recorded, queued or held for %g s)",
+                        job_id, what, self.settings.repair_quiet_s)
         return sent
 
     def _repair_slots(self, job_id: str, meta: dict) -> list[str]:
