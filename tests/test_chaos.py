@@ -218,6 +218,7 @@ def test_chaos_with_a_sigkilled_redis(seed, chaos_videos, standin, assets, tmp_p
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(600)
 def test_soak_hundred_jobs_through_chaos_at_a_lower_rate(chaos_videos, standin, assets, tmp_path):
     """100 jobs; a kill every 6-12 s for two minutes and one graceful Redis restart."""
     run_chaos(21, chaos_videos, standin, assets, tmp_path, jobs=100, chaos_s=120.0,

@@ -200,3 +200,40 @@ def test_a_job_whose_stage2_messages_were_lost_is_repaired(quick_repair_cluster,
     report = job.wait(timeout=60)
     assert report.status == "succeeded" and report.slots[0].verdict is not None
     assert int(r.hget(RESENDS, "stage2") or 0) == 1
+
+
+def test_the_slot_error_path_records_only_a_real_failure(store_db, monkeypatch):
+    """Seen after a Redis restart: the chord's error path ran for a slot whose body had
+    succeeded, and recorded the body's result as the error."""
+    from zroact_tasks import resources
+    from zroact_tasks.app import make_app
+    from zroact_tasks.config import Settings
+    from zroact_tasks.control import tasks as control_tasks
+
+    url, jobs, frames = store_db
+    settings = Settings(redis_url=url)
+    app = make_app(settings)
+    monkeypatch.setattr(control_tasks, "app", app)
+    monkeypatch.setattr(control_tasks, "get_settings", lambda: settings)
+    monkeypatch.setattr(resources, "jobs", lambda: jobs)
+    spec = _spec()
+    jobs.create(spec, 60)
+    jobs.update("j1", groups_total=3, frame_size="[320, 240]", stage2="true")
+    keyframes = [9, 19, 29]
+    body = pipeline.slot_ready_id("j1", 0)
+    app.backend.store_result(body, {"slot": 0, "stage2": True}, "SUCCESS")
+    for kf in keyframes:
+        app.backend.store_result(pipeline.detect_id("j1", kf), [{"keyframe": kf}], "SUCCESS")
+    control_tasks.slot_failed.run(body, "j1", 0, keyframes)
+    assert jobs.group_record("j1", 0) is None  # nothing failed: nothing recorded
+
+    # Slot 1: a header task really failed (Celery never turns a stored SUCCESS into a FAILURE).
+    later = [39, 49, 59]
+    body = pipeline.slot_ready_id("j1", 1)
+    app.backend.mark_as_failure(pipeline.detect_id("j1", 49), ValueError("boom"))
+    control_tasks.slot_failed.run(body, "j1", 1, later)
+    assert jobs.group_record("j1", 1) == {"error": "slot failed: ValueError: boom"}
+    # The slot's verdict, arriving after the error, wins.
+    jobs.record_group("j1", 1, {"stage2": True, "verdict": {"action": "none"}})
+    assert "verdict" in jobs.group_record("j1", 1)
+    app.close()
