@@ -199,7 +199,11 @@ class JobStore:
 
     def forgive_delivery(self, task_id: str) -> None:
         """Take back one delivery (the task was requeued on purpose, not killed)."""
-        self.r.decr(f"zroact:deliveries:{task_id}")
+        key = f"zroact:deliveries:{task_id}"
+        pipe = self.r.pipeline(transaction=False)
+        pipe.decr(key)
+        pipe.expire(key, self.ttl_s)
+        pipe.execute()
 
     # --- the per-job window of slots in flight ------------------------------------------------
     def pump_slots(self, job_id: str, window: int, offer: dict | None = None,

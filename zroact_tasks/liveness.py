@@ -20,7 +20,7 @@ import logging
 import threading
 import uuid
 
-from celery.signals import task_received, worker_ready, worker_shutdown
+from celery.signals import task_received, worker_init, worker_shutdown
 
 from .config import get_settings
 from .redisconn import TRANSIENT_ERRORS, connect
@@ -59,7 +59,7 @@ def _beat(hostname: str, lost_after_s: float) -> None:
             return
 
 
-@worker_ready.connect
+@worker_init.connect  # before the consumer takes any message
 def _start(sender=None, **_: object) -> None:
     hostname = getattr(sender, "hostname", "") or ""
     threading.Thread(target=_beat, args=(hostname, get_settings().worker_lost_s),

@@ -84,7 +84,7 @@ class Reconciler:
                 if holder is None and (since is None or now - since < self.settings.worker_lost_s):
                     continue
                 task_id = _task_id(unacked[tag]) or "?"
-                channel.qos.restore_by_tag(tag.decode(), leftmost=True)
+                channel.qos.restore_by_tag(tag.decode())  # to the end consumers pop next
                 self.r.delete(liveness.held_key(tag.decode()))
                 restored.append(task_id)
                 resources.jobs().count_resend("lost_task")
