@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from pathlib import Path
 
 import cv2
@@ -41,3 +42,25 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def validate_report(data: dict) -> None:
     schema = json.loads((ROOT / "docs" / "report.schema.json").read_text())
     jsonschema.validate(data, schema)
+
+
+def assert_revoked_after(recorder, job_id: str, returned_at: float) -> int:
+    """The job's tasks after ``job.cancel()`` returned: pending ones were revoked (a task-revoked
+    event, never a start), none started later. Bookkeeping that ends the job may still run:
+    finalize (the cancel sends it) and slot_failed (the errback of a chord whose header was
+    revoked). Returns how many Stage 2 runs of the job started before the cancel returned."""
+    time.sleep(2.0)  # anything left pending is delivered now: discarded, or (a bug) run
+    ending = (f"{job_id}:finalize", f"{job_id}:slotfail:")
+    with recorder.log.lock:
+        tasks = [t for t in recorder.log.tasks.values()
+                 if t.id.startswith(job_id) and not t.id.startswith(ending)]
+    revoked = [t.id for t in tasks if t.revoked]
+    assert revoked, "no pending task of the job was revoked"
+    assert [t.id for t in tasks if t.revoked and t.starts] == []
+    # (a start in the ~ms between the cancel flag and the revoke broadcast is allowed for)
+    late = [(t.id, [round(s - returned_at, 3) for s in t.start_times], t.start_hosts)
+            for t in tasks if any(s > returned_at + 0.2 for s in t.start_times)]
+    assert late == [], late
+    # A judge that passed its cancel check before the cancel still asks the VLM (its next step);
+    # one that starts later cannot. The bound for the job's VLM requests:
+    return sum(1 for t in tasks if ":s2:" in t.id for s in t.start_times if s <= returned_at)

@@ -9,7 +9,7 @@ import redis
 from zroact_tasks.media.store import frames_key
 
 from .conftest import start_cluster
-from .helpers import validate_report
+from .helpers import assert_revoked_after, validate_report
 
 
 def test_a_stage1_failure_fails_only_its_slot(redis_server, standin, assets, tmp_path):
@@ -40,15 +40,33 @@ def test_a_stage1_failure_fails_only_its_slot(redis_server, standin, assets, tmp
 
 
 def test_cancel_leaves_other_jobs_alone(client, standin, assets):
+    from zroact_tasks.testing.taskevents import EventRecorder
+
     standin.hold()
-    other = client.submit(assets["short_video"])
-    victim = client.submit(assets["video"])
-    assert standin.wait_for_requests(len(standin.requests) + 1, timeout=60)
-    assert victim.cancel()
-    standin.release()
-    assert victim.wait(timeout=60).status == "cancelled"
-    report = other.wait(timeout=120)
+    first = len(standin.requests)
+    with EventRecorder(client.app) as recorder:
+        other = client.submit(assets["short_video"], prompt="The other job: is it moving?")
+        victim = client.submit(assets["video"], prompt="The victim: is it moving?")
+        assert standin.wait_for_requests(first + 1, timeout=60)
+        assert victim.cancel()
+        returned_at = time.time()
+        standin.release()
+        assert victim.wait(timeout=60).status == "cancelled"
+        report = other.wait(timeout=120)
+        judges_before = assert_revoked_after(recorder, victim.id, returned_at)
     assert report.status == "succeeded" and report.slots[0].verdict is not None
+    # The other job lost nothing to the cancel: each of its tasks ran once, none was revoked.
+    with recorder.log.lock:
+        mine = {t.id.split(":", 1)[1]: (t.starts, t.succeeded, t.revoked)
+                for t in recorder.log.tasks.values() if t.id.startswith(other.id)}
+    expected = ["finalize", "ingest", "s1:19", "s1:29", "s1:39", "s1:9", "s2:0", "slot:0", "slot:1"]
+    assert sorted(mine) == expected, mine
+    assert set(mine.values()) == {(1, 1, 0)}, mine
+    # The other job made its one VLM request; the victim's all came from judges already running
+    # at the cancel.
+    prompts = [r["messages"][0]["content"][-1]["text"].split(":")[0] for r in standin.requests[first:]]
+    assert prompts.count("The other job") == 1
+    assert prompts.count("The victim") <= judges_before, (prompts, judges_before)
 
 
 def test_twenty_jobs_at_once_complete_and_leave_no_key_without_ttl(redis_server, standin, assets,

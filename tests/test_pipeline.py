@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import redis
 
 from zroact_tasks.media.clips import keyframe_indices
 from zroact_tasks.testing.sample_media import square_bbox
+from zroact_tasks.testing.taskevents import EventRecorder
 from zroact_tasks.testing.vllm_standin import expected_content
 
-from .helpers import decode_data_url, psnr, read_frames, validate_report
+from .helpers import assert_revoked_after, decode_data_url, psnr, read_frames, validate_report
 
 PROMPT = "Is the red square really moving?"
 
@@ -41,6 +43,8 @@ def test_job_end_to_end(client, standin, assets):
     # 13 full slots of 3 consecutive keyframes; the trailing 2 get no Stage 2 request.
     assert [s.keyframes for s in report.slots] == [keyframe_indices(419, 10)[3 * j: 3 * j + 3]
                                                     for j in range(13)]
+    failed = [s for s in report.slots if s.error is not None]
+    assert len(failed) == 1, [(s.slot, s.error) for s in failed]
     requests = standin.requests[first:]
     assert len(requests) == 13
     frames = read_frames(assets["video"], {i for s in report.slots for i in s.keyframes})
@@ -69,24 +73,46 @@ def test_job_end_to_end(client, standin, assets):
 
 
 def test_a_bad_vlm_answer_fails_only_its_slot(client, standin, assets):
-    standin.set_fault("garbage", count=1)
-    report = client.submit(assets["short_video"]).wait(timeout=120)  # 47 frames: 4 keyframes, 1 slot
+    first = len(standin.requests)
+    standin.set_fault("garbage", count=1)  # drawn as a request is recorded: the first one
+    report = client.submit(assets["video"]).wait(timeout=180)  # 13 slots, one request each
     validate_report(report.model_dump(mode="json"))
-    assert len(report.keyframes) == 4 and len(report.slots) == 1
     assert report.status == "completed_with_errors"
-    assert "not JSON" in report.slots[0].error and report.slots[0].verdict is None
+    assert len(report.slots) == 13 and all(k.error is None for k in report.keyframes)
+    failed = [s for s in report.slots if s.error is not None]
+    assert len(failed) == 1, [(s.slot, s.error) for s in failed]
+    requests = standin.requests[first:]
+    assert len(requests) == 13
+    frames = read_frames(assets["video"], {i for s in report.slots for i in s.keyframes})
+
+    def request_of(slot) -> dict:
+        (match,) = [r for r in requests if all(
+            psnr(img, frames[kf]) >= 30 for img, kf in zip(_images(r), slot.keyframes))]
+        return match
+
+    (bad,) = failed
+    assert "not JSON" in bad.error and bad.verdict is None
+    assert request_of(bad) is requests[0]  # the slot whose request got the garbage
+    for slot in report.slots:  # every other slot kept its own verdict
+        if slot is not bad:
+            assert slot.verdict.model_dump() == json.loads(expected_content(request_of(slot)))
 
 
 def test_cancel_revokes_the_job_and_deletes_its_frames(client, standin, assets):
     standin.hold()
     first = len(standin.requests)
-    job = client.submit(assets["video"])
-    assert standin.wait_for_requests(first + 1, timeout=60)
-    assert job.cancel() is True
-    report = job.wait(timeout=60)
-    standin.release()
+    with EventRecorder(client.app) as recorder:
+        job = client.submit(assets["video"])  # 41 clips: most still queued at slot 0's request
+        assert standin.wait_for_requests(first + 1, timeout=60)
+        assert job.cancel() is True
+        returned_at = time.time()
+        report = job.wait(timeout=60)
+        standin.release()  # the running judges get their answers and end
+        judges_before = assert_revoked_after(recorder, job.id, returned_at)
     assert report.status == "cancelled"
     validate_report(report.model_dump(mode="json"))
+    # Every VLM request came from a judge already running at the cancel.
+    assert 1 <= len(standin.requests) - first <= judges_before
     r = redis.Redis.from_url(client.settings.redis_url)
     assert not r.exists(f"zroact:job:{job.id}:frames")
     assert job.cancel() is False  # already ended
