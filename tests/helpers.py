@@ -64,3 +64,24 @@ def assert_revoked_after(recorder, job_id: str, returned_at: float) -> int:
     # A judge that passed its cancel check before the cancel still asks the VLM (its next step);
     # one that starts later cannot. The bound for the job's VLM requests:
     return sum(1 for t in tasks if ":s2:" in t.id for s in t.start_times if s <= returned_at)
+
+
+def text_match(img: np.ndarray, text: str, scale: float = 0.45) -> tuple[float, tuple[int, int]]:
+    """How well ``text`` (OpenCV's Hershey simplex at ``scale``, as render.py draws it) matches
+    somewhere in ``img``, and where (x, y of the top-left corner): the best normalised
+    correlation, 1.0 for the same pixels. No OCR: the text is drawn light on dark, then searched
+    for by template matching. Another slot's verdict (same words, other digits) scores < 0.8."""
+    (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    template = np.full((h + base + 4, w + 4), 30, np.uint8)
+    cv2.putText(template, text, (2, h + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, 240, 1, cv2.LINE_AA)
+    gray = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY) if img.ndim == 3 else img
+    if gray.shape[0] < template.shape[0] or gray.shape[1] < template.shape[1]:
+        return 0.0, (-1, -1)
+    _, best, _, at = cv2.minMaxLoc(cv2.matchTemplate(gray, template, cv2.TM_CCOEFF_NORMED))
+    return float(best), (int(at[0]), int(at[1]))
+
+
+def verdict_words(slot) -> list[str]:
+    """The texts of a slot's verdict a picture of it must show."""
+    v = slot.verdict
+    return [v.reason, v.action, f"{v.confidence:.2f}", "confirmed" if v.confirmed else "not confirmed"]

@@ -11,7 +11,7 @@ import pytest
 
 from zroact_tasks.testing.onnx_models import make_bad_models, write_labels
 
-from .helpers import validate_report
+from .helpers import text_match, validate_report, verdict_words
 
 
 def zroact(*args: str, env: dict[str, str] | None = None, timeout: float = 180):
@@ -145,8 +145,31 @@ def test_progress_plain_lines_off_a_terminal_and_a_live_bar_on_one(client, asset
     assert b"\r\x1b[2K[" in out and b"####" in out and b"succeeded" in out
 
 
-def test_run_draws_the_contact_sheet_and_annotated_video(assets, tmp_path):
-    res = zroact("run", assets["short_video"], "--model", assets["model"], "--contact-sheet",
-                 tmp_path / "s.png", "--annotate", tmp_path / "a.mp4")
+def test_run_draws_the_contact_sheet_and_annotated_video(assets, standin, tmp_path):
+    import cv2
+
+    from zroact_tasks.models import JobReport
+
+    res = zroact("run", assets["short_video"], "--model", assets["model"], "--vlm-url", standin.url,
+                 "--json", tmp_path / "r.json", "--contact-sheet", tmp_path / "s.png",
+                 "--annotate", tmp_path / "a.mp4")
     assert res.returncode == 0, res.stderr
-    assert (tmp_path / "s.png").stat().st_size > 0 and (tmp_path / "a.mp4").stat().st_size > 0
+    report = JobReport.model_validate_json((tmp_path / "r.json").read_text())
+    (slot,) = report.slots  # 4 keyframes: a slot of 3, judged, and keyframe 39 (Stage 1 only)
+    assert slot.verdict is not None and slot.keyframes == [9, 19, 29]
+    # The pictures show the verdict (text found by template matching, see helpers.text_match).
+    sheet = cv2.imread(str(tmp_path / "s.png"))
+    assert sheet is not None
+    for text in verdict_words(slot):
+        assert text_match(sheet, text)[0] > 0.95, text
+    cap = cv2.VideoCapture(str(tmp_path / "a.mp4"))
+    frames = []
+    while (frame := cap.read())[0]:
+        frames.append(frame[1])
+    cap.release()
+    assert len(frames) == 47
+    for index in (9, 38):  # the slot's frames: from its first keyframe to keyframe 39
+        for text in verdict_words(slot)[:2]:
+            assert text_match(frames[index], text)[0] > 0.9, (index, text)
+    for index in (8, 39, 46):  # before the first keyframe; from the keyframe past the slot on
+        assert text_match(frames[index], slot.verdict.reason)[0] < 0.8, index

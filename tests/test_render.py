@@ -8,6 +8,8 @@ import pytest
 
 from zroact_tasks.render import PALETTE, annotate_video, contact_sheet
 
+from .helpers import text_match, verdict_words
+
 
 @pytest.fixture(scope="module")
 def report(client, assets):
@@ -24,6 +26,15 @@ def test_contact_sheet_has_a_row_per_slot_with_the_boxes(report, assets, tmp_pat
     x1, y1, x2, y2 = (int(round(v)) for v in report.keyframes[0].detections[0].box)
     edge = sheet[40 + 8 + y2 - 1, 8 + (x1 + x2) // 2]
     assert np.abs(edge.astype(int) - np.array(PALETTE[0])).max() < 60
+    # Each row shows its own slot's verdict, right of the thumbnails; slots past max_slots none.
+    row_h = thumb_h + 16
+    for slot in report.slots[:5]:
+        assert slot.verdict is not None
+        text_area = sheet[40 + slot.slot * row_h: 40 + (slot.slot + 1) * row_h, 8 + 3 * (320 + 8) - 4:]
+        for text in verdict_words(slot):
+            assert text_match(text_area, text)[0] > 0.95, (slot.slot, text)
+    for slot in report.slots[5:8]:
+        assert text_match(sheet, slot.verdict.reason)[0] < 0.8, slot.slot
 
 
 def test_annotated_video_keeps_every_frame_and_draws_boxes(report, assets, tmp_path):
@@ -40,3 +51,17 @@ def test_annotated_video_keeps_every_frame_and_draws_boxes(report, assets, tmp_p
     x1, y1, x2, y2 = (int(round(v)) for v in kf.detections[0].box)
     edge = frames[kf.index][y2 - 1, (x1 + x2) // 2]
     assert np.abs(edge.astype(int) - np.array(PALETTE[0])).max() < 60
+    # A frame shows the verdict of the slot it belongs to (from the slot's first keyframe to the
+    # next slot's), at the bottom; not a neighbour's, and none past the last full slot.
+    slots = report.slots
+    bottom = report.video.height * 2 // 3
+    for i, slot in enumerate(slots):
+        end = slots[i + 1].keyframes[0] if i + 1 < len(slots) else slot.keyframes[-1] + 10
+        for index in (slot.keyframes[0], end - 1):
+            for text in verdict_words(slot)[:2]:
+                score, (_, y) = text_match(frames[index], text)
+                assert score > 0.9 and y >= bottom, (slot.slot, index, text, score, y)
+            for other in slots[max(0, i - 1): i] + slots[i + 1: i + 2]:
+                assert text_match(frames[index], other.verdict.reason)[0] < 0.8, (slot.slot, index)
+    for index in (slots[0].keyframes[0] - 1, slots[-1].keyframes[-1] + 10, report.video.frames - 1):
+        assert max(text_match(frames[index], s.verdict.reason)[0] for s in slots) < 0.8, index
