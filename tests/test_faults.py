@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+import struct
+import threading
 import time
 
+import pytest
 import redis
 
 from zroact_tasks.media.store import frames_key
@@ -126,28 +130,79 @@ def test_redis_restarted_mid_job_with_aof(standin, assets, tmp_path):
         server.stop()
 
 
-def test_vlm_down_with_default_retries_ends_the_job_with_errors(redis_server, assets, tmp_path):
-    """Connection refused on every try: retried with backoff, then the slot carries the error."""
-    from zroact_tasks.local import free_port
+class DownVLM:
+    """A VLM that is down, on a port that records each try: every connection is accepted and
+    reset at once (SO_LINGER 0), so the client fails as at a refused connection, and the
+    moment of each attempt is known."""
 
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.times: list[float] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.times.append(time.monotonic())
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("backoff_max, waits", [
+    (None, [0.5, 1, 2, 4]),  # the defaults: 4 retries, 0.5 s doubling, cap 8 s
+    ("1", [0.5, 1, 1, 1]),  # VLM_BACKOFF_MAX_S caps every wait
+])
+def test_vlm_down_with_default_retries_ends_the_job_with_errors(redis_server, assets, tmp_path,
+                                                                backoff_max, waits):
+    """Every try fails: retried with capped exponential backoff, then the slot carries the error."""
     url = redis_server.url.rsplit("/", 1)[0] + "/6"
-    down = f"http://127.0.0.1:{free_port()}"
-    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": down,
+    redis.Redis.from_url(url).flushdb()
+    down = DownVLM()
+    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": down.url,
            "ZROACT_VLM_MODEL": "Qwen/Qwen2.5-VL-3B-Instruct"}  # default retries and backoff
+    if backoff_max is not None:
+        env["ZROACT_VLM_BACKOFF_MAX_S"] = backoff_max
     cluster, client = start_cluster(url, env, tmp_path)
     try:
-        started = time.monotonic()
+        time.sleep(0.5)
+        down.times.clear()  # the Stage 2 worker's capacity probe at start-up is not the job's
         report = client.submit(assets["short_video"]).wait(timeout=120)
-        took = time.monotonic() - started
         validate_report(report.model_dump(mode="json"))
         assert report.status == "completed_with_errors"
-        assert report.slots[0].error.startswith(f"VLM at {down} unreachable")
+        assert report.slots[0].error.startswith(f"VLM at {down.url} unreachable")
         assert all(k.detections for k in report.keyframes)  # Stage 1 results are kept
-        print(f"job with the VLM down ended in {took:.1f} s")
-        assert took < 120
+        gaps = [round(b - a, 2) for a, b in zip(down.times, down.times[1:])]
+        print(f"VLM down: {len(down.times)} attempts, gaps {gaps} s")
+        assert len(down.times) == 1 + len(waits), gaps  # the first try and VLM_MAX_RETRIES (4)
+        for gap, wait in zip(gaps, waits):  # each wait as scheduled (loose above: a busy host)
+            assert wait - 0.05 <= gap <= wait + 1.0, (gaps, waits)
     finally:
         cluster.stop()
         client.close()
+        down.close()
+
+
+@pytest.mark.parametrize("status", ["408", "429", "503"])
+def test_vlm_busy_answers_are_retried(client, standin, assets, status):
+    """408, 429 and 503 are transient: the request is made again after the backoff (the session
+    cluster: 1 retry, cap 0.2 s) and the slot gets its verdict."""
+    first = len(standin.requests)
+    standin.set_fault(status, count=1)
+    report = client.submit(assets["short_video"]).wait(timeout=120)
+    assert report.status == "succeeded" and report.slots[0].verdict is not None, report.slots
+    assert len(standin.requests) - first == 2  # the refused one and its retry
+    assert [r.status for r in standin.responses[-2:]] == [int(status), 200]
+    assert standin.requests[first] == standin.requests[first + 1]  # the same request again
+    gap = standin.request_times[first + 1] - standin.request_times[first]
+    assert gap >= 0.15, gap  # min(0.5 s, VLM_BACKOFF_MAX_S 0.2 s), not at once
 
 
 def test_frame_budget_holds_with_twenty_long_videos_queued(redis_server, assets, tmp_path):

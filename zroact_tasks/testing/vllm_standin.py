@@ -52,7 +52,7 @@ import numpy as np
 __all__ = ["VLLMStandIn", "ChatResponse", "expected_content", "image_digest", "FAULTS"]
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
-FAULTS = (None, "500", "503", "garbage", "bad_schema", "length", "slow", "400")
+FAULTS = (None, "500", "503", "408", "429", "garbage", "bad_schema", "length", "slow", "400")
 SLOW_FAULT_S = 3600.0  # longer than any sane client timeout
 DIFFERENCES = (
     "no streaming (stream=true is answered 400), tools, logprobs, guided_json or LoRA models",
@@ -373,6 +373,7 @@ class VLLMStandIn:
         self.num_gpu_blocks, self.block_size = num_gpu_blocks, block_size  # KV cache size
         self.url = ""
         self.requests: list[dict] = []
+        self.request_times: list[float] = []  # time.time() of each request, beside requests
         self.responses: list[ChatResponse] = []
         self.max_in_flight = 0
         self._cond = threading.Condition()  # guards everything below and wakes held requests
@@ -445,6 +446,7 @@ class VLLMStandIn:
         self.release()
         with self._cond:
             self.requests.clear()
+            self.request_times.clear()
             self.responses.clear()
             self.max_in_flight = self._in_flight
 
@@ -470,6 +472,7 @@ class VLLMStandIn:
             text = raw.decode("utf-8", "replace")
             recorded = body if isinstance(body, dict) else {"_raw_body": text}
             self.requests.append(recorded)
+            self.request_times.append(time.time())
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
             self._waiting += 1
@@ -506,6 +509,10 @@ class VLLMStandIn:
             return self._error(_Reject(500, "Internal server error", "InternalServerError"))
         if fault == "503":  # what a proxy or an overloaded server answers
             return self._error(_Reject(503, "Service unavailable", "ServiceUnavailableError"))
+        if fault == "408":  # what uvicorn or a proxy answers a request that took too long
+            return self._error(_Reject(408, "Request timeout", "RequestTimeoutError"))
+        if fault == "429":  # what a rate-limiting proxy in front of vLLM answers
+            return self._error(_Reject(429, "Too many requests", "RateLimitError"))
         if fault == "400":
             return self._error(_Reject(400, "Injected fault: the stand-in refused this request."))
         if fault == "slow" and not self._sleep_until_released(SLOW_FAULT_S):
