@@ -25,6 +25,15 @@ def _time_limits(s: Settings) -> dict[str, dict]:
             for name, limit in by_task.items()}
 
 
+def _publish_retries(bound_s: float) -> int:
+    """Retries of kombu's publish schedule (0, 1, 2, 3, 4, 4, ... s) that add up to ``bound_s``."""
+    total, n = 0.0, 0
+    while total < bound_s:
+        total += min(redisconn.BACKOFF_CAP_S, n)
+        n += 1
+    return n
+
+
 def config_for(s: Settings) -> dict[str, Any]:
     socket = {
         "socket_timeout": redisconn.SOCKET_TIMEOUT_S,
@@ -54,11 +63,14 @@ def config_for(s: Settings) -> dict[str, Any]:
         # A Redis restart is a pause: results are stored and tasks published again and again
         # for about a minute (redisconn.RETRY_BOUND_S) before the error reaches the task.
         "result_backend_always_retry": True,
-        "result_backend_max_retries": 30,
+        # (the backend's sleeps are fully jittered: twice the retries cover the same time)
+        "result_backend_max_retries": 2 * redisconn.retries_for(s.redis_retry_s),
+        "result_backend_base_sleep_between_retries_ms": int(redisconn.BACKOFF_BASE_S * 1000),
         "result_backend_max_sleep_between_retries_ms": int(redisconn.BACKOFF_CAP_S * 1000),
         "task_publish_retry": True,
-        "task_publish_retry_policy": {"max_retries": 18, "interval_start": 0,
-                                      "interval_step": 1, "interval_max": 4},
+        "task_publish_retry_policy": {"max_retries": _publish_retries(s.redis_retry_s),
+                                      "interval_start": 0, "interval_step": 1,
+                                      "interval_max": redisconn.BACKOFF_CAP_S},
         "broker_connection_retry": True,
         "broker_connection_max_retries": None,  # a worker waits for Redis as long as it takes
         "task_annotations": _time_limits(s),

@@ -171,9 +171,9 @@ class TimingStore(FrameStore):
         super().__init__(client, ttl_s)
         self.timer = Timer()
 
-    def put_many(self, job_id: str, frames: dict[int, bytes], kind: str = "full") -> None:
+    def put_many(self, job_id: str, frames: dict[int, bytes], kind: str = "full") -> int:
         c, t = time.process_time(), time.perf_counter()
-        super().put_many(job_id, frames, kind)
+        added = super().put_many(job_id, frames, kind)
         wall, cpu = time.perf_counter() - t, time.process_time() - c
         if kind == "stage1" or not self.timer.calls:
             self.timer.add(wall, cpu, len(frames) if kind == "stage1" else 0)
@@ -181,6 +181,7 @@ class TimingStore(FrameStore):
             last_wall, last_frames = self.timer.calls[-1]
             self.timer.calls[-1] = (last_wall + wall, last_frames)
             self.timer.cpu += cpu
+        return added
 
 
 def _ingest(store: TimingStore, video: Path, job_id: str, settings: Settings) -> dict:

@@ -322,7 +322,9 @@ def test_auth_is_required_on_v1_and_tokens_are_never_logged(api, http, caplog):
 
 
 def test_healthz_is_503_when_redis_does_not_answer(media):
-    dead = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", media_root=media, api_token=TOKEN)
+    # Redis errors are retried for REDIS_RETRY_S (60 s by default) before the API answers 503.
+    dead = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", media_root=media,
+                    api_token=TOKEN, redis_retry_s=2)
     with serving(dead) as url:
         resp = httpx.get(url + "/healthz", timeout=30)
         assert resp.status_code == 503 and resp.json()["status"] == "unavailable"

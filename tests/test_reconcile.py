@@ -237,3 +237,30 @@ def test_the_slot_error_path_records_only_a_real_failure(store_db, monkeypatch):
     jobs.record_group("j1", 1, {"stage2": True, "verdict": {"action": "none"}})
     assert "verdict" in jobs.group_record("j1", 1)
     app.close()
+
+
+def test_a_redis_command_rides_out_a_restart(tmp_path):
+    """The clients' retries (redisconn.py) outlast a restart; a shorter bound gives up."""
+    import threading
+
+    from zroact_tasks.local import EmbeddedRedis
+
+    server = EmbeddedRedis(appendonly=True, workdir=tmp_path).start()
+    try:
+        patient = connect(server.url, retry_s=15)
+        hasty = connect(server.url, retry_s=0.3)
+        patient.set("k", "v")
+        server.stop()  # graceful: the AOF keeps "k"
+
+        def restart():
+            time.sleep(2.0)
+            server.start()
+
+        threading.Thread(target=restart, daemon=True).start()
+        with pytest.raises(redis.ConnectionError):
+            hasty.get("k")
+        started = time.monotonic()
+        assert patient.get("k") == b"v"
+        assert time.monotonic() - started >= 1.0  # it waited for the restart, then answered
+    finally:
+        server.stop()

@@ -36,7 +36,7 @@ class Client:
             settings = settings.model_copy(update={"redis_url": redis_url})
         self.settings = settings
         self.app = make_app(settings)
-        self.jobs = JobStore(settings.redis_url, settings.result_ttl_s)
+        self.jobs = JobStore(settings.redis_url, settings.result_ttl_s, settings.redis_retry_s)
 
     def submit(self, path: str | os.PathLike, prompt: str | None = None,
                priority: int | None = None) -> Job:

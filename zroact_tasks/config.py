@@ -26,6 +26,9 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Broker, result backend and frame store (one Redis)."""
+    redis_retry_s: float = Field(60.0, ge=0)
+    """How long a Redis command is retried (exponential backoff) before its error reaches the
+    caller: longer than a Redis restart. Workers, the client and the API alike."""
     model: Path | None = None
     """Stage 1 ONNX model (YOWOv3 layout). Required by Stage 1 workers."""
     labels: Path | None = None

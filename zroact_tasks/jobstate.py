@@ -27,7 +27,7 @@ from typing import Any
 
 from .errors import JobNotFoundError, PoisonTaskError
 from .models import JobSpec, JobStatus
-from .redisconn import connect
+from .redisconn import RETRY_BOUND_S, connect
 
 # Record a group's result once, then report whether this call closed the barrier. A verdict
 # replaces an error recorded before it (a slot's verdict is never lost to a spurious error) as
@@ -116,8 +116,8 @@ def _key(job_id: str, part: str = "") -> str:
 class JobStore:
     """Reads and writes one cluster's job records."""
 
-    def __init__(self, redis_url: str, ttl_s: int) -> None:
-        self.r = connect(redis_url, decode_responses=True)
+    def __init__(self, redis_url: str, ttl_s: int, retry_s: float = RETRY_BOUND_S) -> None:
+        self.r = connect(redis_url, decode_responses=True, retry_s=retry_s)
         self.ttl_s = ttl_s
         self._record = self.r.register_script(_RECORD_GROUP)
         self._check = self.r.register_script(_CHECK_BARRIER)

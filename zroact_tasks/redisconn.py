@@ -22,9 +22,19 @@ SOCKET_TIMEOUT_S = 15.0
 CONNECT_TIMEOUT_S = 5.0
 HEALTH_CHECK_S = 15
 """A pooled connection idle this long is pinged before use (a restart closed it)."""
-BACKOFF_BASE_S, BACKOFF_CAP_S, RETRIES = 0.25, 4.0, 18
-RETRY_BOUND_S = sum(min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**i) for i in range(RETRIES))
-"""How long one command keeps retrying: ~60 s, longer than a Redis restart with AOF."""
+BACKOFF_BASE_S, BACKOFF_CAP_S = 0.25, 4.0
+RETRY_BOUND_S = 60.0
+"""How long one command keeps retrying by default (``ZROACT_REDIS_RETRY_S``): longer than a
+Redis restart with AOF."""
+
+
+def retries_for(bound_s: float) -> int:
+    """How many backoff sleeps (0.25 s doubling, capped at 4 s) add up to ``bound_s``."""
+    total, n = 0.0, 0
+    while total < bound_s:
+        total += min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**n)
+        n += 1
+    return n
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis.ConnectionError,  # refused, reset, closed; BusyLoadingError (loading the AOF) too
@@ -39,20 +49,23 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT_ERRORS)
 
 
-def client_options() -> dict:
-    """Keyword arguments for ``redis.Redis`` (also Celery's transport options)."""
+def client_options(retry_s: float = RETRY_BOUND_S) -> dict:
+    """Keyword arguments for ``redis.Redis``: timeouts, keepalive, retries for ``retry_s``."""
     return {
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
         "socket_keepalive": True,
         "health_check_interval": HEALTH_CHECK_S,
-        "retry": Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRIES),
+        "retry": Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S),
+                       retries_for(retry_s)),
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError, BusyLoadingError,
                            ReadOnlyError],
     }
 
 
 @cache
-def connect(url: str, decode_responses: bool = False) -> redis.Redis:
-    """One pool per process, URL and decoding; redis-py resets pools inherited across a fork."""
-    return redis.Redis.from_url(url, decode_responses=decode_responses, **client_options())
+def connect(url: str, decode_responses: bool = False,
+            retry_s: float = RETRY_BOUND_S) -> redis.Redis:
+    """One pool per process, URL and options; redis-py resets pools inherited across a fork."""
+    return redis.Redis.from_url(url, decode_responses=decode_responses,
+                                **client_options(retry_s))

@@ -16,10 +16,10 @@ from .redisconn import connect
 @cache
 def jobs() -> JobStore:
     s = get_settings()
-    return JobStore(s.redis_url, s.result_ttl_s)
+    return JobStore(s.redis_url, s.result_ttl_s, s.redis_retry_s)
 
 
 @cache
 def frames() -> FrameStore:
     s = get_settings()
-    return FrameStore(connect(s.redis_url), ttl_s=int(s.job_deadline_s) + 3600)
+    return FrameStore(connect(s.redis_url, retry_s=s.redis_retry_s), ttl_s=int(s.job_deadline_s) + 3600)

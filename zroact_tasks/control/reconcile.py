@@ -50,7 +50,7 @@ class Reconciler:
     def __init__(self, app: Celery) -> None:
         self.app = app
         self.settings = get_settings()
-        self.r = connect(self.settings.redis_url)
+        self.r = connect(self.settings.redis_url, retry_s=self.settings.redis_retry_s)
         self.redis_ok_since: float | None = None
         self.quiet_since: dict[str, float] = {}  # job -> when this worker first saw it quiet
 
