@@ -24,7 +24,7 @@ TASK_MODULES = [
 
 class TransientTask(Task):
     """A task that gives its message back when Redis stays away longer than the clients'
-    own retries (redisconn.RETRY_BOUND_S): requeued, never acked as done or failed."""
+    own retries (``REDIS_RETRY_S``): requeued, never acked as done or failed."""
 
     def __call__(self, *args, **kwargs):
         try:

@@ -106,8 +106,8 @@ def ingest_video(self, spec_data: dict) -> dict:
         jobs.check_delivery(self.delivery_key, settings.max_task_deliveries)
         result = ingest(spec, settings, store, send_slot,
                         should_stop=lambda: jobs.cancel_requested(job_id), on_probe=on_probe)
-    except _NoRoom:
-        jobs.update(job_id, state="queued")
+    except _NoRoom:  # waiting for room is not a stall: the reconciler's backstop leaves it be
+        jobs.update(job_id, state="queued", progress_at=str(time.time()))
         raise self.retry(countdown=settings.ingest_retry_s) from None
     except TRANSIENT_ERRORS:
         raise  # not the video's fault: the task is requeued (app.TransientTask) and resumes
