@@ -43,8 +43,6 @@ def test_job_end_to_end(client, standin, assets):
     # 13 full slots of 3 consecutive keyframes; the trailing 2 get no Stage 2 request.
     assert [s.keyframes for s in report.slots] == [keyframe_indices(419, 10)[3 * j: 3 * j + 3]
                                                     for j in range(13)]
-    failed = [s for s in report.slots if s.error is not None]
-    assert len(failed) == 1, [(s.slot, s.error) for s in failed]
     requests = standin.requests[first:]
     assert len(requests) == 13
     frames = read_frames(assets["video"], {i for s in report.slots for i in s.keyframes})
