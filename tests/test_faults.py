@@ -218,13 +218,28 @@ def test_frame_budget_holds_with_twenty_long_videos_queued(redis_server, assets,
     env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_FRAME_BUDGET_BYTES": str(budget),
            "ZROACT_INGEST_RETRY_S": "0.2"}
     cluster, client = start_cluster(url, env, tmp_path)
-    peak = {"held": 0, "memory": 0}
+    peak = {"held": 0, "counted": 0, "memory": 0}
+    drift: list[tuple[int, int]] = []  # (held, counted) whenever the code's counter is off
     stop = threading.Event()
     baseline = r.info("memory")["used_memory"]
+    # The frames really held, measured apart from the code's own counter: the length of every
+    # value of every job's frame hash, summed in one atomic script, beside the counter's value.
+    frames_held = r.register_script("""
+local total = 0
+for _, key in ipairs(redis.call('KEYS', 'zroact:job:*:frames')) do
+  for _, field in ipairs(redis.call('HKEYS', key)) do
+    total = total + redis.call('HSTRLEN', key, field)
+  end
+end
+return {total, tonumber(redis.call('GET', KEYS[1]) or '0')}
+""")
 
     def watch() -> None:
         while not stop.wait(0.02):
-            peak["held"] = max(peak["held"], int(r.get(USED) or 0))
+            held, counted = (int(v) for v in frames_held(keys=[USED]))
+            peak["held"], peak["counted"] = max(peak["held"], held), max(peak["counted"], counted)
+            if held != counted:
+                drift.append((held, counted))
             peak["memory"] = max(peak["memory"], r.info("memory")["used_memory"] - baseline)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -238,12 +253,15 @@ def test_frame_budget_holds_with_twenty_long_videos_queued(redis_server, assets,
         cluster.stop()
         client.close()
     assert [rep.status for rep in reports] == ["succeeded"] * 20
-    assert 0 < peak["held"] <= budget  # the frames held never passed the budget
+    assert 0 < peak["held"] <= budget, peak  # the frames held never passed the budget
+    assert peak["held"] > budget // 2, peak  # and the budget was used (jobs overlapped)
+    assert drift == [], drift[:5]  # the budget's counter is what is really held, at every sample
     # Redis grew by the frames held plus the jobs' bookkeeping (messages, results, events: a few
     # MB for 20 jobs), far below the ~28 MB the 20 videos' frames would take without the budget.
     assert peak["memory"] < budget + 8_000_000
     assert int(r.get(USED) or 0) == 0 and not r.hgetall("zroact:frames:reserved")
-    print(f"peak frames held {peak['held']} B, Redis growth {peak['memory']} B, budget {budget} B")
+    print(f"peak frames held {peak['held']} B (counted {peak['counted']} B), Redis growth "
+          f"{peak['memory']} B, budget {budget} B")
 
 
 def test_priority_goes_first_on_the_queues(redis_server, standin, assets, tmp_path):
