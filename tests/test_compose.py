@@ -28,11 +28,13 @@ import celeryconfig
 from zroact_tasks.config import STAGE2_CONCURRENCY_RANGE, Settings
 from zroact_tasks.local import EmbeddedRedis
 
+from .helpers import skip_unless_ci
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 ENTRYPOINT = ROOT / "workers" / "entrypoint.sh"
-SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "compose-spec.json"
+SCHEMA = Path(__file__).resolve().parent / "data" / "compose-spec.json"  # vendored: data/README.md
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 GPU_SERVICES = ("vllm", "stage1")
@@ -296,15 +298,16 @@ def api_problems(compose: dict) -> list[str]:
 
 # --- the compose file as a whole ---------------------------------------------------------------
 
-def test_compose_file_matches_the_compose_spec():
-    if not SCHEMA.exists():
-        pytest.skip(f"no compose schema at {SCHEMA} (shared/ beside the clone)")
+def schema_problems(compose: dict) -> list[str]:
     import jsonschema
 
     schema = json.loads(SCHEMA.read_text())
     validator = jsonschema.Draft7Validator(schema)  # its $schema names draft-07
-    errors = [f"{e.json_path}: {e.message}" for e in validator.iter_errors(raw_compose())]
-    assert errors == []
+    return [f"{e.json_path}: {e.message}" for e in validator.iter_errors(compose)]
+
+
+def test_compose_file_matches_the_compose_spec():
+    assert schema_problems(raw_compose()) == []
 
 
 def test_compose_file_avoids_what_docker_compose_1_29_rejects():
@@ -313,13 +316,13 @@ def test_compose_file_avoids_what_docker_compose_1_29_rejects():
     assert gpu_problems(compose) == []
 
 
-def _docker_compose(*args: str, env_file: Path) -> subprocess.CompletedProcess:
+def _docker_compose(*args: str, env_file: Path, compose_file: Path = COMPOSE) -> subprocess.CompletedProcess:
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+        skip_unless_ci("docker-compose is not installed (apt-get install docker-compose)")
     # Only the env file decides: variables of this shell would override it.
     env = {k: v for k, v in os.environ.items() if k not in read_env_file(ENV_EXAMPLE)}
-    return subprocess.run([binary, "--env-file", str(env_file), "-f", str(COMPOSE), *args],
+    return subprocess.run([binary, "--env-file", str(env_file), "-f", str(compose_file), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -594,6 +597,33 @@ def _broken(edit) -> dict:
 ])
 def test_checkers_catch_a_broken_compose_file(checker, edit):
     assert checker(_broken(edit)) != []
+
+
+def _raw_broken(edit) -> dict:
+    compose = copy.deepcopy(raw_compose())
+    edit(compose["services"])
+    return compose
+
+
+@pytest.mark.parametrize("edit", [
+    lambda s: s["stage1"].update(ports="8080:8080"),  # a list, not a string
+    lambda s: s["control"].update(replicas=2),  # deploy.replicas; no such service key
+    lambda s: s["redis"].update(healthcheck={"test": ["CMD", "true"], "interval": 5}),  # a duration
+    lambda s: s["stage2"].update(depends_on={"vllm": {"condition": "when_ready"}}),
+])
+def test_schema_catches_a_broken_compose_file(edit):
+    assert schema_problems(_raw_broken(edit)) != []
+
+
+def test_docker_compose_refuses_a_broken_compose_file(tmp_path):
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(yaml.safe_dump(_raw_broken(lambda s: s["control"].update(replicas=2))))
+    result = _docker_compose("config", "-q", env_file=ENV_EXAMPLE, compose_file=broken)
+    assert result.returncode != 0 and "replicas" in result.stderr, result.stderr
+    # The same file unbroken passes: what failed was the edit, not the copy.
+    broken.write_text(yaml.safe_dump(raw_compose()))
+    result = _docker_compose("config", "-q", env_file=ENV_EXAMPLE, compose_file=broken)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("text", [
