@@ -120,6 +120,37 @@ def test_a_vlm_error_is_counted(exporter, client, standin, assets):
     assert delta(before, ended, "zroact_tasks_total", task=pipeline.JUDGE, outcome="succeeded") == 1
 
 
+def test_running_jobs_and_every_ending_are_counted(exporter, client, standin, assets, tmp_path):
+    """zroact_jobs{state="running"} while a job runs; zroact_jobs_ended_total for cancelled and
+    failed jobs; zroact_vlm_errors_total for a VLM that stays unavailable."""
+    before = scrape(exporter.url)
+    standin.hold()
+    held = len(standin.requests)
+    job = client.submit(assets["short_video"])
+    assert standin.wait_for_requests(held + 1, timeout=60)  # running: its slot is at Stage 2
+    during = scrape(exporter.url)
+    assert value(during, "zroact_jobs", state="running") == value(before, "zroact_jobs", state="running") + 1
+    assert job.cancel()
+    standin.release()
+    assert job.wait(timeout=60).status == "cancelled"
+
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("this is not a video")
+    assert client.submit(bad).wait(timeout=60).status == "failed"
+
+    standin.set_fault("503")  # every try: the session cluster's one retry fails too
+    report = client.submit(assets["short_video"]).wait(timeout=120)
+    assert report.status == "completed_with_errors" and "VLM HTTP 503" in report.slots[0].error
+
+    after = scrape_until(exporter.url, lambda s: delta(
+        before, s, "zroact_vlm_errors_total", kind="VLMUnavailableError") >= 1)
+    assert value(after, "zroact_jobs", state="running") == value(before, "zroact_jobs", state="running")
+    for state in ("cancelled", "failed", "completed_with_errors"):
+        assert delta(before, after, "zroact_jobs_ended_total", state=state) == 1, state
+    assert delta(before, after, "zroact_jobs_ended_total", state="succeeded") == 0
+    assert delta(before, after, "zroact_vlm_errors_total", kind="VLMUnavailableError") == 1
+
+
 def test_queue_depth_counts_messages_no_worker_took(redis_server, assets):
     """A Redis database without workers: what is sent stays queued, and the exporter counts it."""
     url = redis_server.url.rsplit("/", 1)[0] + "/10"
