@@ -73,6 +73,38 @@ def test_cancel_leaves_other_jobs_alone(client, standin, assets):
     assert prompts.count("The victim") <= judges_before, (prompts, judges_before)
 
 
+def test_first_writer_wins_when_writers_race(redis_server):
+    """Eight writers record the same slot at the same moment (each its own Redis connection),
+    30 times over: one wins each time, its record is the one kept, finalize is asked for once."""
+    import uuid
+
+    from zroact_tasks.jobstate import JobStore
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/11"
+    stores = [JobStore(url, 600) for _ in range(8)]
+    for round_ in range(30):
+        job = uuid.uuid4().hex
+        stores[0].set_groups_total(job, 1)
+        barrier, results = threading.Barrier(len(stores)), {}
+        verdict = {"action": "a", "confirmed": True, "confidence": 0.5}
+
+        def write(i: int) -> None:
+            record = {"stage2": True, "verdict": {**verdict, "reason": f"writer {i}"}}
+            barrier.wait()
+            results[i] = stores[i].record_group(job, 0, record)
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(len(stores))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        winners = [i for i, r in results.items() if r != 0]
+        assert len(results) == len(stores) and len(winners) == 1, (round_, results)
+        assert sorted(results.values()) == [0] * (len(stores) - 1) + [2]  # finalize: once
+        kept = stores[0].group_record(job, 0)
+        assert kept["verdict"]["reason"] == f"writer {winners[0]}", (round_, kept, winners)
+
+
 def test_twenty_jobs_at_once_complete_and_leave_no_key_without_ttl(redis_server, standin, assets,
                                                                     tmp_path):
     url = redis_server.url.rsplit("/", 1)[0] + "/4"
