@@ -149,3 +149,40 @@ def test_a_job_past_its_deadline_ends_failed_with_the_stage(redis_server, standi
         standin.release()
         cluster.stop()
         client.close()
+
+
+def test_deadlines_name_ingest_and_stage_1(redis_server, assets, tmp_path):
+    """No Stage 1 worker and a budget of 1 byte: job A (over the whole budget, so admitted alone)
+    waits at Stage 1 holding its frames; job B waits for room at ingest. Each ends at its deadline
+    naming where it was."""
+    from .conftest import start_cluster
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/7"
+    redis.Redis.from_url(url).flushdb()
+    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_JOB_DEADLINE_S": "3",
+           "ZROACT_FRAME_BUDGET_BYTES": "1", "ZROACT_INGEST_RETRY_S": "0.2"}
+    cluster, client = start_cluster(url, env, tmp_path)
+    try:
+        cluster.remove_worker([w for w in cluster.workers if w.role == "stage1"][0])
+        settings = client.settings
+        client.settings = settings.model_copy(update={"job_deadline_s": 8.0})
+        a = client.submit(assets["short_video"])
+        deadline = time.monotonic() + 30
+        while "keyframes_total" not in client.jobs.meta(a.id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert a.status().stage1_total == 4  # ingested, over the budget: it runs alone
+        client.settings = settings.model_copy(update={"job_deadline_s": 3.0})
+        b = client.submit(assets["short_video"])
+        report_b = b.wait(timeout=60)
+        assert a.status().state == "running"  # A still waits at Stage 1, holding its frames
+        report_a = a.wait(timeout=60)
+        for report in (report_a, report_b):
+            validate_report(report.model_dump(mode="json"))
+            assert report.status == "failed" and report.error.type == "JobDeadlineError"
+        assert report_b.error.message == "timed out at ingest after 3 s"
+        assert report_b.keyframes == []  # it never got past ingest
+        assert report_a.error.message.startswith("timed out at stage 1 after ")
+    finally:
+        cluster.stop()
+        client.close()
+
