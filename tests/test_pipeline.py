@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import cv2
 import pytest
 import redis
 
@@ -182,6 +183,59 @@ def test_deadlines_name_ingest_and_stage_1(redis_server, assets, tmp_path):
         assert report_b.error.message == "timed out at ingest after 3 s"
         assert report_b.keyframes == []  # it never got past ingest
         assert report_a.error.message.startswith("timed out at stage 1 after ")
+    finally:
+        cluster.stop()
+        client.close()
+
+
+def stage1_queued(r: redis.Redis) -> list[str]:
+    """Task ids waiting in the stage1 queue (every kombu priority list of it)."""
+    ids = []
+    for key in ["stage1"] + [f"stage1\x06\x16{p}" for p in (3, 6, 9)]:
+        ids += [json.loads(m)["headers"]["id"] for m in r.lrange(key, 0, -1)]
+    return ids
+
+
+def test_job_window_and_stage2_max_side(redis_server, standin, assets, tmp_path):
+    """JOB_WINDOW_SLOTS=2: a long job has two slots in the Stage 1 queue at a time, so a short
+    job submitted after it goes first. STAGE2_MAX_SIDE=160: the VLM gets 160x120 images."""
+    from .conftest import start_cluster
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/2"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url,
+           "ZROACT_JOB_WINDOW_SLOTS": "2", "ZROACT_STAGE2_MAX_SIDE": "160"}
+    cluster, client = start_cluster(url, env, tmp_path)
+    try:
+        cluster.remove_worker([w for w in cluster.workers if w.role == "stage1"][0])
+        first = len(standin.requests)
+        long_job = client.submit(assets["video"])  # 41 clips in 14 slots
+        deadline = time.monotonic() + 30
+        while long_job.status().stage1_total == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # whatever ingest would still send is sent
+        queued = stage1_queued(r)
+        assert sorted(queued) == sorted(f"{long_job.id}:s1:{k}" for k in (9, 19, 29, 39, 49, 59))
+        short_job = client.submit(assets["short_video"])  # 4 clips in 2 slots: both fit its window
+        deadline = time.monotonic() + 30
+        while len(stage1_queued(r)) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(stage1_queued(r)) == 10
+        cluster.wait_ready(client.app, workers=[cluster.add_worker("stage1", concurrency=1)])
+        short, long_ = short_job.wait(timeout=120), long_job.wait(timeout=180)
+        assert short.status == long_.status == "succeeded"
+        ended = {j.id: float(client.jobs.meta(j.id)["ended_at"]) for j in (short_job, long_job)}
+        assert ended[short_job.id] < ended[long_job.id]  # not behind the long job's 41 clips
+        requests = standin.requests[first:]
+        assert len(requests) == 13 + 1
+        frames = read_frames(assets["video"], {9, 19, 29})
+        for request in requests:
+            images = _images(request)
+            assert [img.shape for img in images] == [(120, 160, 3)] * 3
+        small = [cv2.resize(frames[k], (160, 120), interpolation=cv2.INTER_AREA) for k in (9, 19, 29)]
+        assert any(all(psnr(img, ref) >= 28 for img, ref in zip(_images(req), small))
+                   for req in requests)  # slot 0's frames, downscaled
     finally:
         cluster.stop()
         client.close()
