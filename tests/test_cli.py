@@ -173,3 +173,42 @@ def test_run_draws_the_contact_sheet_and_annotated_video(assets, standin, tmp_pa
             assert text_match(frames[index], text)[0] > 0.9, (index, text)
     for index in (8, 39, 46):  # before the first keyframe; from the keyframe past the slot on
         assert text_match(frames[index], slot.verdict.reason)[0] < 0.8, index
+
+def test_zroact_cancel_on_a_running_job_and_exit_code_1(client, standin, assets, tmp_path):
+    """`zroact submit --wait` on the session cluster; `zroact cancel` while its slot is at the
+    VLM: the waiting command ends with exit 1 (cancelled), a second cancel says already ended."""
+    url = client.settings.redis_url
+    standin.hold()
+    first = len(standin.requests)
+    waiting = subprocess.Popen([sys.executable, "-m", "zroact_tasks.cli", "submit",
+                                str(assets["short_video"]), "--wait", "--redis-url", url,
+                                "--json", str(tmp_path / "r.json")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert standin.wait_for_requests(first + 1, timeout=60)  # the job is running
+        job_id = waiting.stdout.readline().strip()
+        assert client.job(job_id).status().state == "running"
+        res = zroact("cancel", job_id, "--redis-url", url)
+        assert (res.returncode, res.stdout.strip()) == (0, f"job {job_id}: cancelled"), res.stderr
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        standin.release()
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 1, (out, err)
+    assert f"job {job_id}: cancelled" in out and last_line(err) == f"zroact: error: job {job_id} cancelled"
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "cancelled"
+    again = zroact("cancel", job_id, "--redis-url", url)
+    assert (again.returncode, again.stdout.strip()) == (0, f"job {job_id}: already ended")
+
+
+def test_a_failed_job_exits_1(client, standin, assets):
+    """A job that fails for a reason other than its input (here its deadline) exits 1."""
+    standin.set_fault("slow")
+    try:
+        res = zroact("submit", assets["short_video"], "--wait", "--redis-url", client.settings.redis_url,
+                     env={"ZROACT_JOB_DEADLINE_S": "2"})
+    finally:
+        standin.release()
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert ": failed in " in res.stdout and "zroact: error: timed out at stage 2" in res.stderr
