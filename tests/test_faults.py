@@ -131,31 +131,33 @@ def test_twenty_jobs_at_once_complete_and_leave_no_key_without_ttl(redis_server,
 
 
 def test_redis_restarted_mid_job_with_aof(standin, assets, tmp_path):
-    """Redis goes away mid-job and comes back from its AOF: workers and client reconnect."""
+    """Redis goes away mid-job and comes back from its AOF: workers and client reconnect, and
+    the job completes, with no Redis error anywhere in its report."""
     from zroact_tasks.local import EmbeddedRedis
 
     workdir = tmp_path / "redis"
     workdir.mkdir()
     server = EmbeddedRedis(appendonly=True, workdir=workdir).start()
-    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url,
-           "ZROACT_JOB_DEADLINE_S": "90"}
+    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url}
     cluster, client = start_cluster(server.url, env, tmp_path / "logs")
     try:
-        client.settings = client.settings.model_copy(update={"job_deadline_s": 90.0})
         job = client.submit(assets["video"])
         deadline = time.monotonic() + 60
-        while job.status().stage1_done < 5 and time.monotonic() < deadline:
+        while job.status().stage1_done < 5:
+            assert time.monotonic() < deadline, "Stage 1 never got going"
             time.sleep(0.02)
+        assert job.status().state == "running"  # the restart falls mid-job
         server.stop()  # SIGTERM: Redis flushes its AOF on the way down
         time.sleep(1.0)
         server = EmbeddedRedis(port=server.port, appendonly=True, workdir=workdir).start()
         report = job.wait(timeout=150)
-        validate_report(report.model_dump(mode="json"))
-        assert report.status in ("succeeded", "completed_with_errors", "failed")
-        if report.status == "failed":
-            assert report.error.message  # a clear reason, e.g. "timed out at stage 1 after 90 s"
+        data = report.model_dump(mode="json")
+        validate_report(data)
+        assert report.status == "succeeded", data
+        assert len(report.slots) == 13 and all(s.verdict for s in report.slots)
         # The cluster keeps serving after the restart.
-        assert client.submit(assets["short_video"]).wait(timeout=120).status == "succeeded"
+        after = client.submit(assets["short_video"]).wait(timeout=120)
+        assert after.status == "succeeded", after.model_dump(mode="json")
     finally:
         cluster.stop()
         client.close()
