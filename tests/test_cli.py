@@ -212,3 +212,23 @@ def test_a_failed_job_exits_1(client, standin, assets):
         standin.release()
     assert res.returncode == 1, (res.stdout, res.stderr)
     assert ": failed in " in res.stdout and "zroact: error: timed out at stage 2" in res.stderr
+
+
+def test_stage2_concurrency_outside_2_3_needs_the_override(standin):
+    """The VRAM budget's 2-3 requests in flight per Stage 2 worker: a server that would take 5
+    gets 3, and 5 asked for is refused, unless STAGE2_CONCURRENCY_OVERRIDE."""
+    from zroact_tasks.cli import stage2_concurrency
+    from zroact_tasks.config import Settings
+    from zroact_tasks.errors import ConfigError
+
+    url = standin.url  # its KV cache and latency knee allow 5 in flight
+    assert stage2_concurrency(Settings(vlm_url=url), None) == 3  # clamped to 2-3
+    with pytest.raises(ConfigError, match="stage2 concurrency 5 is outside 2-3"):
+        stage2_concurrency(Settings(vlm_url=url, stage2_concurrency=5), None)
+    with pytest.raises(ConfigError, match="outside 2-3"):
+        stage2_concurrency(Settings(vlm_url=url), 1)  # the -c flag too
+    override = Settings(vlm_url=url, stage2_concurrency=5, stage2_concurrency_override=True)
+    assert stage2_concurrency(override, None) == 5
+    assert stage2_concurrency(override, 6) == 6
+    res = zroact("worker", "stage2", "-c", "5", env={"ZROACT_VLM_URL": url}, timeout=60)
+    assert res.returncode == 2 and "ZROACT_STAGE2_CONCURRENCY_OVERRIDE" in res.stderr, res.stderr
