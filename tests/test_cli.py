@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -232,3 +233,65 @@ def test_stage2_concurrency_outside_2_3_needs_the_override(standin):
     assert stage2_concurrency(override, 6) == 6
     res = zroact("worker", "stage2", "-c", "5", env={"ZROACT_VLM_URL": url}, timeout=60)
     assert res.returncode == 2 and "ZROACT_STAGE2_CONCURRENCY_OVERRIDE" in res.stderr, res.stderr
+
+
+@contextlib.contextmanager
+def serving(args: list[str], env: dict[str, str], ready_url: str, exit_codes=(0,)):
+    """A `zroact` server started as a user starts it, up once ``ready_url`` answers 200; it must
+    stop on SIGTERM with one of ``exit_codes``. Yields a dict that gets ``output`` at the end."""
+    import time
+
+    import httpx
+
+    proc = subprocess.Popen([sys.executable, "-m", "zroact_tasks.cli", *args],
+                            env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    result: dict = {}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.1)
+        yield result
+        proc.terminate()
+        result["output"], _ = proc.communicate(timeout=15)
+        assert proc.returncode in exit_codes, result["output"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_zroact_metrics_and_zroact_api_serve(client, assets, tmp_path):
+    """The two server entry points, as a user starts them: they answer, and stop on SIGTERM."""
+    import httpx
+
+    from zroact_tasks.local import free_port
+
+    url = client.settings.redis_url
+    port = free_port()
+    metrics = f"http://127.0.0.1:{port}/metrics"
+    with serving(["metrics", "--port", str(port), "--redis-url", url], {}, metrics):
+        text = httpx.get(metrics, timeout=10).text
+    assert "zroact_redis_up 1.0" in text and 'zroact_queue_depth{queue="stage1"}' in text
+
+    job = client.submit(assets["short_video"])
+    job.wait(timeout=120)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"ZROACT_REDIS_URL": url, "ZROACT_API_TOKEN": "cli-test-token",
+           "ZROACT_MEDIA_ROOT": str(tmp_path)}
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal (exit -15).
+    with serving(["api", "--port", str(port)], env, f"{base}/healthz", (0, -15)) as api:
+        assert httpx.get(f"{base}/healthz", timeout=10).json()["status"] == "ok"
+        assert httpx.get(f"{base}/v1/jobs/{job.id}", timeout=10).status_code == 401
+        status = httpx.get(f"{base}/v1/jobs/{job.id}", timeout=10,
+                           headers={"Authorization": "Bearer cli-test-token"})
+        assert status.status_code == 200 and status.json()["state"] == "succeeded"
+    assert "Application shutdown complete" in api["output"]
+    assert "cli-test-token" not in api["output"]
