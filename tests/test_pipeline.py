@@ -298,3 +298,23 @@ def test_cancel_from_a_client_with_another_stage1_batch(batch2_cluster, assets):
     finally:
         other.close()
 
+
+def test_a_stage2_worker_keeps_2_to_3_requests_in_flight(client, standin, assets):
+    """The session cluster's one Stage 2 worker, planned from the stand-in's capacity (it would
+    take 5): with 13 slots waiting, 3 requests are in flight, never more."""
+    standin.hold()
+    first = len(standin.requests)
+    job = client.submit(assets["video"])
+    try:
+        assert standin.wait_for_requests(first + 3, timeout=60)
+        samples = []
+        for _ in range(20):  # a second of samples: no fourth request comes
+            samples.append(standin.in_flight)
+            time.sleep(0.05)
+        assert max(samples) == min(samples) == 3, samples
+        assert len(standin.requests) - first == 3
+    finally:
+        job.cancel()
+        standin.release()
+    assert job.wait(timeout=60).status == "cancelled"
+
