@@ -318,3 +318,37 @@ def test_a_stage2_worker_keeps_2_to_3_requests_in_flight(client, standin, assets
         standin.release()
     assert job.wait(timeout=60).status == "cancelled"
 
+
+def test_default_priority_sets_the_level_of_a_jobs_messages(redis_server, assets, monkeypatch):
+    """ZROACT_DEFAULT_PRIORITY is the priority of a job submitted without one; Redis keeps four
+    levels (0-2, 3-5, 6-8, 9), each in a list of its own. A database without workers: the ingest
+    message stays where it was put."""
+    from zroact_tasks.client import Client
+    from zroact_tasks.config import Settings
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/0"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    lists = {0: "control", 3: "control\x06\x163", 6: "control\x06\x166", 9: "control\x06\x169"}
+
+    def level_of(job) -> int:
+        (level,) = [lv for lv, key in lists.items()
+                    if any(json.loads(m)["headers"]["id"] == f"{job.id}:ingest" for m in r.lrange(key, 0, -1))]
+        return level
+
+    try:
+        for env, given, level in [(None, None, 3), ("9", None, 9), ("9", 0, 0), ("7", None, 6)]:
+            if env is None:
+                monkeypatch.delenv("ZROACT_DEFAULT_PRIORITY", raising=False)
+            else:
+                monkeypatch.setenv("ZROACT_DEFAULT_PRIORITY", env)
+            client = Client(settings=Settings(redis_url=url))
+            try:
+                job = client.submit(assets["short_video"], priority=given)
+                assert level_of(job) == level, (env, given)
+                assert client.jobs.spec(job.id).priority == (given if given is not None else int(env or 5))
+            finally:
+                client.close()
+    finally:
+        r.flushdb()
+
