@@ -352,3 +352,37 @@ def test_default_priority_sets_the_level_of_a_jobs_messages(redis_server, assets
     finally:
         r.flushdb()
 
+
+def test_a_waiting_ingest_holds_no_worker_process(redis_server, assets, tmp_path):
+    """One control process; job A holds the frame budget at Stage 1 (no Stage 1 worker); job B's
+    ingest waits for room. If B's wait held the one process, A's cancel could never be finalized
+    (and A's frames never freed for B). It is: A ends, then B gets the room and is ingested."""
+    from .conftest import start_cluster
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/7"
+    redis.Redis.from_url(url).flushdb()
+    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_FRAME_BUDGET_BYTES": "1",
+           "ZROACT_INGEST_RETRY_S": "0.2"}
+    cluster, client = start_cluster(url, env, tmp_path)
+    try:
+        cluster.remove_worker([w for w in cluster.workers if w.role == "stage1"][0])
+        cluster.remove_worker([w for w in cluster.workers if w.role == "control"][0])
+        cluster.wait_ready(client.app, workers=[cluster.add_worker("control", concurrency=1)])
+        a = client.submit(assets["short_video"])
+        deadline = time.monotonic() + 30
+        while a.status().stage1_total == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        b = client.submit(assets["short_video"])
+        time.sleep(1.5)  # B's ingest has tried and is waiting
+        assert b.status().stage1_total == 0  # not ingested
+        assert a.cancel()
+        assert a.wait(timeout=20).status == "cancelled"  # finalized by the one control process
+        deadline = time.monotonic() + 20
+        while b.status().stage1_total == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert b.status().stage1_total == 4  # B got A's room and was ingested
+        assert b.cancel()
+    finally:
+        cluster.stop()
+        client.close()
+
