@@ -326,7 +326,7 @@ def test_default_priority_sets_the_level_of_a_jobs_messages(redis_server, assets
     from zroact_tasks.client import Client
     from zroact_tasks.config import Settings
 
-    url = redis_server.url.rsplit("/", 1)[0] + "/0"
+    url = redis_server.url.rsplit("/", 1)[0] + "/10"  # no workers here (test_metrics shares it the same way)
     r = redis.Redis.from_url(url)
     r.flushdb()
     lists = {0: "control", 3: "control\x06\x163", 6: "control\x06\x166", 9: "control\x06\x169"}
