@@ -117,8 +117,9 @@ class Job:
         spec, meta = jobs.spec(self.id), jobs.meta(self.id)
         seen = int(meta.get("keyframes_seen", 0))
         keyframes = keyframe_indices(seen * spec.keyframe_stride, spec.keyframe_stride)
-        ids = pipeline.job_task_ids(self.id, keyframes, spec.slot_size,
-                                    self._client.settings.stage1_batch)
+        # Batch 1 names a Stage 1 task for every keyframe: a superset of the ids for any batch
+        # the workers use (this client's STAGE1_BATCH may not be theirs).
+        ids = pipeline.job_task_ids(self.id, keyframes, spec.slot_size, batch=1)
         self._client.app.control.revoke(ids)
         if jobs.close_barrier(self.id):
             pipeline.send_finalize(self._client.app, self.id)

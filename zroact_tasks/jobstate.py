@@ -137,6 +137,13 @@ class JobStore:
     def overdue(self, now: float) -> list[str]:
         return self.r.zrangebyscore(DEADLINES, "-inf", now)
 
+    def deadline_of(self, job_id: str) -> float | None:
+        """The deadline the job was submitted with, in seconds from its submission."""
+        score = self.r.zscore(DEADLINES, job_id)
+        if score is None:
+            return None
+        return round(score - self.spec(job_id).submitted_at, 3)
+
     def unfinished(self) -> list[str]:
         return self.r.zrange(DEADLINES, 0, -1)
 

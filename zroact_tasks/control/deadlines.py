@@ -37,8 +37,9 @@ def sweep(app, now: float | None = None) -> list[str]:
     jobs, ended = resources.jobs(), []
     for job_id in jobs.overdue(time.time() if now is None else now):
         stage = jobs.stage_of(job_id)
-        error = JobError(type="JobDeadlineError", message=f"timed out at {stage} after "
-                                                           f"{get_settings().job_deadline_s:g} s")
+        allowed = jobs.deadline_of(job_id) or get_settings().job_deadline_s  # the job's own
+        error = JobError(type="JobDeadlineError",
+                         message=f"timed out at {stage} after {allowed:g} s")
         if jobs.close_barrier(job_id):
             jobs.update(job_id, error=error.model_dump_json())
             jobs.request_abort(job_id, "failed")
