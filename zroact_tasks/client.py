@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -16,6 +17,13 @@ from .errors import InputError, JobTimeoutError, PromptError
 from .jobstate import JobStore
 from .media.clips import keyframe_indices
 from .models import FINAL_STATES, JobReport, JobSpec, JobStatus
+from .redisconn import TRANSIENT_ERRORS
+
+log = logging.getLogger(__name__)
+
+
+WAIT_CHECK_S = 5.0
+"""How often ``Job.wait`` also reads the stored report (a lost pub/sub message costs this)."""
 
 
 def check_prompt(prompt: str, max_chars: int) -> str:
@@ -95,16 +103,28 @@ class Job:
         return JobReport.model_validate_json(raw) if raw else None
 
     def wait(self, timeout: float | None = None) -> JobReport:
-        """Block until the job ends (no polling: Celery's Redis backend uses pub/sub)."""
-        done = self.report()
-        if done is not None:
-            return done
+        """Block until the job ends: on the result backend's pub/sub (no polling), looking at
+        the stored report every ``WAIT_CHECK_S`` too, since a message published while the
+        subscriber was reconnecting (a Redis restart) is never delivered."""
+        end = None if timeout is None else time.monotonic() + timeout
         result = self._client.app.AsyncResult(pipeline.finalize_id(self.id))
-        try:
-            data = result.get(timeout=timeout, propagate=True)
-        except CeleryTimeoutError as exc:
-            raise JobTimeoutError(self.id, timeout or 0) from exc
-        return JobReport.model_validate(data)
+        while True:
+            done = self.report()
+            if done is not None:
+                return done
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                raise JobTimeoutError(self.id, timeout or 0)
+            step = WAIT_CHECK_S if left is None else min(WAIT_CHECK_S, left)
+            try:
+                data = result.get(timeout=step, propagate=True)
+                return JobReport.model_validate(data)
+            except CeleryTimeoutError:
+                continue
+            except (RuntimeError, *TRANSIENT_ERRORS) as exc:  # the subscriber lost Redis
+                log.warning("job %s: result subscription lost (%s); reading the report",
+                            self.id, type(exc).__name__)
+                time.sleep(1.0)
 
     def cancel(self) -> bool:
         """Revoke every pending task of the job and end it ``cancelled``.
