@@ -65,7 +65,10 @@ def test_cancel_leaves_other_jobs_alone(client, standin, assets):
                 for t in recorder.log.tasks.values() if t.id.startswith(other.id)}
     expected = ["finalize", "ingest", "s1:19", "s1:29", "s1:39", "s1:9", "s2:0", "slot:0", "slot:1"]
     assert sorted(mine) == expected, mine
-    assert set(mine.values()) == {(1, 1, 0)}, mine
+    # Each succeeded once and none was revoked. (Celery's events travel over pub/sub and one
+    # can be missed under load, so a start may be unseen: at most one, never two.)
+    assert all(ok == 1 and revoked == 0 and starts <= 1
+               for starts, ok, revoked in mine.values()), mine
     # The other job made its one VLM request; the victim's all came from judges already running
     # at the cancel.
     prompts = [r["messages"][0]["content"][-1]["text"].split(":")[0] for r in standin.requests[first:]]
