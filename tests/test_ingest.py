@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from zroact_tasks.config import Settings
-from zroact_tasks.control.ingest import ingest
+from zroact_tasks.control.ingest import ingest_whole as ingest
 from zroact_tasks.errors import (
     MediaRootError,
     VideoDecodeError,
@@ -78,9 +78,9 @@ def test_slots_leave_with_their_frames_stored(assets, store, redis_server):
 
 def test_partial_decode_runs_on_what_decoded_with_a_warning(bad, store):
     result, sent = run(bad["partial"], store)
-    assert result.warnings == [f"decoded {result.video.frames} of 100 frames"]
-    assert 10 <= result.video.frames < 100
-    assert len(result.keyframes) == result.video.frames // 10
+    assert result.warnings == [f"decoded {result.frames} of 100 frames"]
+    assert 10 <= result.frames < 100
+    assert len(result.keyframes) == result.frames // 10
 
 
 @pytest.mark.parametrize("kind,error,reason", [
@@ -122,8 +122,8 @@ def test_media_root_rejects_escapes(assets, tmp_path, store):
     inside.write_bytes(assets["short_video"].read_bytes())
     os.symlink(assets["short_video"], root / "link.mp4")  # points outside the root
     settings = Settings(media_root=root)
-    assert run("sub/v.mp4", store, settings)[0].video.frames == 47
-    assert run(inside, store, settings)[0].video.frames == 47
+    assert run("sub/v.mp4", store, settings)[0].frames == 47
+    assert run(inside, store, settings)[0].frames == 47
     for path in ("../outside.mp4", "sub/../../outside.mp4", "link.mp4", str(assets["short_video"])):
         with pytest.raises(MediaRootError, match="resolves outside MEDIA_ROOT"):
             run(path, store, settings)

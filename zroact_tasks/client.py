@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -70,9 +71,8 @@ class Client:
             nms_iou=s.nms_iou, max_detections=s.max_detections, submitted_at=time.time(),
             priority=priority,
         )
-        self.jobs.create(spec, s.job_deadline_s)
-        self.app.send_task(pipeline.INGEST, args=(spec.model_dump(mode="json"),),
-                           task_id=pipeline.ingest_id(spec.job_id), priority=spec.priority)
+        self.jobs.create(spec, s.job_deadline_s, s.job_stall_s)
+        pipeline.send_ingest(self.app, spec.model_dump(mode="json"))
         return Job(self, spec.job_id)
 
     def job(self, job_id: str) -> Job:
@@ -135,11 +135,16 @@ class Job:
         if jobs.meta(self.id).get("state") in FINAL_STATES or not jobs.request_abort(self.id, "cancelled"):
             return False
         spec, meta = jobs.spec(self.id), jobs.meta(self.id)
-        seen = int(meta.get("keyframes_seen", 0))
+        # Every keyframe of every chunk sent so far (chunks run in parallel, so the count of
+        # keyframes seen is not where they end).
+        chunks = int(meta.get("chunk_next", 1))
+        per = json.loads(meta["plan"])["chunk_slots"] if "plan" in meta else 1
+        seen = chunks * per * spec.slot_size
+        seen = max(seen, int(meta.get("keyframes_total", 0)))
         keyframes = keyframe_indices(seen * spec.keyframe_stride, spec.keyframe_stride)
         # Batch 1 names a Stage 1 task for every keyframe: a superset of the ids for any batch
         # the workers use (this client's STAGE1_BATCH may not be theirs).
-        ids = pipeline.job_task_ids(self.id, keyframes, spec.slot_size, batch=1)
+        ids = pipeline.job_task_ids(self.id, keyframes, spec.slot_size, batch=1, chunks=chunks)
         self._client.app.control.revoke(ids)
         if jobs.close_barrier(self.id):
             pipeline.send_finalize(self._client.app, self.id)

@@ -78,11 +78,19 @@ class Settings(BaseSettings):
     stage1_frame_size: int = Field(224, ge=0)
     """Ingest stores Stage 1's frames resized to this square (the model's input: YOWOv3 224), so
     Stage 1 never decodes full-resolution frames; 0 = store them at the original size."""
+    frames_url: str | None = None
+    """A second Redis for the frame store alone, so frames and the queue scale apart; None =
+    ``REDIS_URL`` holds them too."""
     frame_budget_bytes: int = Field(2 * 1024**3, ge=0)
-    """Backpressure: frames held in Redis for all jobs stay under this; an ingest that would pass
-    it waits (re-queued every ``INGEST_RETRY_S``) until jobs drain. 0 = no budget."""
-    ingest_retry_s: float = Field(1.0, gt=0)
-    """How often a waiting ingest asks again for room in the frame budget."""
+    """Admission: the frames held for all running jobs stay under this. Each job is admitted with
+    its footprint (bounded whatever the video's length: ``INGEST_CHUNK_SLOTS``); a job that does
+    not fit waits, by priority then submission, until a job ends. 0 = no budget."""
+    ingest_chunk_slots: int = Field(4, ge=1)
+    """Slots one ingest step decodes and stores (a chunk: ~120 frames at the defaults)."""
+    ingest_lead_chunks: int = Field(2, ge=1)
+    """How far decoding runs ahead of Stage 1, in chunks: the stored slots not yet through
+    Stage 1, plus the chunks being decoded, stay under this many chunks' worth. It also bounds
+    how many control workers decode one video at once."""
     frame_jpeg_quality: int = Field(95, ge=50, le=100)
     """JPEG quality of frames held in the store (they are also what Stage 2 sends)."""
     stage2_max_side: int | None = Field(None, ge=32)
@@ -111,8 +119,13 @@ class Settings(BaseSettings):
 
     max_task_deliveries: int = Field(3, ge=1)
     """A task delivered this many times (its worker died each time) is recorded as failed."""
-    job_deadline_s: float = Field(3600.0, gt=0)
-    """A job still running after this ends ``failed``: the last resort, not the recovery path."""
+    job_stall_s: float = Field(1800.0, gt=0)
+    """A job that makes no progress (a chunk stored, a keyframe or a slot recorded) for this long
+    ends ``failed``; waiting for admission does not count. Above ``NO_PROGRESS_S``, so the
+    reconciler has repaired whatever it can before a job is given up."""
+    job_deadline_s: float = Field(0.0, ge=0)
+    """Optional absolute limit from submission (0 = none): long footage takes as long as it
+    takes, ``JOB_STALL_S`` catches a job that stopped moving."""
     visibility_timeout_s: int = Field(1200, ge=2)
     """Redis redelivers an unacked task after this: above the longest task's time limit, or a
     running task is delivered twice. A dead worker's tasks come back sooner (``WORKER_LOST_S``)."""
@@ -129,9 +142,8 @@ class Settings(BaseSettings):
     """A worker whose heartbeat is this old is lost; the tasks it held go back to their queue."""
     reconcile_interval_s: float = Field(2.0, gt=0)
     """How often control workers look for lost workers and stranded jobs."""
-    ingest_time_limit_s: float = Field(900.0, gt=0)
-    """Hard time limit of one ingest (a whole video until ingest is chunked: ~520 s for
-    MAX_FRAMES of 1080p on one core of our CI machine)."""
+    ingest_time_limit_s: float = Field(120.0, gt=0)
+    """Hard time limit of one ingest step (one chunk: a few seconds of 1080p on one core)."""
     stage1_time_limit_s: float = Field(120.0, gt=0)
     """Hard time limit of one Stage 1 task."""
     control_time_limit_s: float = Field(60.0, gt=0)
@@ -190,7 +202,10 @@ def timeout_problems(s: Settings) -> list[str]:
     if s.visibility_timeout_s >= s.no_progress_s:
         problems.append(f"VISIBILITY_TIMEOUT_S {s.visibility_timeout_s} s is not below "
                         f"NO_PROGRESS_S {s.no_progress_s:g} s")
-    if s.no_progress_s > s.job_deadline_s:
+    if s.no_progress_s > s.job_stall_s:
+        problems.append(f"NO_PROGRESS_S {s.no_progress_s:g} s is above JOB_STALL_S "
+                        f"{s.job_stall_s:g} s: jobs fail before they are repaired")
+    if s.job_deadline_s and s.no_progress_s > s.job_deadline_s:
         problems.append(f"NO_PROGRESS_S {s.no_progress_s:g} s is above JOB_DEADLINE_S "
                         f"{s.job_deadline_s:g} s: jobs fail before they are repaired")
     return problems

@@ -34,6 +34,8 @@ from .redisconn import RETRY_BOUND_S, connect
 # long as the report is not being built. Returns 0: nothing changed; 1: recorded; 2: recorded
 # and the job is complete (this caller must enqueue finalize).
 _RECORD_GROUP = """
+local total = redis.call('HGET', KEYS[3], 'groups_total')
+if total and tonumber(ARGV[1]) >= tonumber(total) then return 0 end  -- past the video's end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   local new = cjson.decode(ARGV[2])
   if new['verdict'] == nil or redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
@@ -45,17 +47,22 @@ redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[3], 'progress_at', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
-local total = redis.call('HGET', KEYS[3], 'groups_total')
 if total and redis.call('SCARD', KEYS[2]) >= tonumber(total) then
   if redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[3]) then return 2 end
 end
 return 1
 """
 
-# Called once the total is known (end of ingest): closes the barrier if every group already ended.
+# Called once the total is known (the chunk that found the video's end): slots past the end (a
+# chunk decoded beyond a frame that failed) no longer count; closes the barrier if every group
+# already ended.
 _CHECK_BARRIER = """
-local total = redis.call('HGET', KEYS[3], 'groups_total')
-if total and redis.call('SCARD', KEYS[2]) >= tonumber(total) then
+redis.call('HSET', KEYS[3], 'groups_total', ARGV[2])
+local total = tonumber(ARGV[2])
+for _, g in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if tonumber(g) >= total then redis.call('SREM', KEYS[2], g) end
+end
+if redis.call('SCARD', KEYS[2]) >= total then
   if redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[1]) then return 1 end
 end
 return 0
@@ -90,6 +97,44 @@ for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 return out
 """
 
+# Chunked ingest, paced: send the job's next chunks while the slots stored but not through
+# Stage 1, plus the chunks being decoded, stay under LEAD chunks' worth. Called when a chunk is
+# stored and whenever a slot leaves the window. Returns the chunk numbers to send now (each once).
+_NEXT_CHUNKS = """
+if redis.call('HEXISTS', KEYS[1], 'abort') == 1 or redis.call('HEXISTS', KEYS[1], 'chunks_end') == 1 then
+  return {}
+end
+local per, lead = tonumber(ARGV[1]), tonumber(ARGV[2])
+local nxt = tonumber(redis.call('HGET', KEYS[1], 'chunk_next') or '1')
+local queued = redis.call('LLEN', KEYS[2]) + redis.call('SCARD', KEYS[3])
+local out = {}
+while (nxt - redis.call('SCARD', KEYS[4])) * per + queued < lead * per do
+  table.insert(out, nxt)
+  nxt = nxt + 1
+end
+redis.call('HSET', KEYS[1], 'chunk_next', nxt)
+return out
+"""
+
+# A chunk is stored: remember it (once) and, if it found the video's end, the earliest such
+# chunk. Returns {chunks done, the end chunk or -1, chunks sent}.
+_CHUNK_DONE = """
+local added = redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+if added == 1 then
+  redis.call('HINCRBY', KEYS[1], 'keyframes_seen', ARGV[3])
+  redis.call('HSET', KEYS[1], 'progress_at', ARGV[5])
+end
+if ARGV[2] ~= '' then
+  local old = redis.call('HGET', KEYS[1], 'chunks_end')
+  if not old or tonumber(ARGV[1]) < tonumber(old) then
+    redis.call('HSET', KEYS[1], 'chunks_end', ARGV[1], 'frames_end', ARGV[2])
+  end
+end
+return {redis.call('SCARD', KEYS[2]), tonumber(redis.call('HGET', KEYS[1], 'chunks_end') or '-1'),
+        tonumber(redis.call('HGET', KEYS[1], 'chunk_next') or '1')}
+"""
+
 # Save the report once: a second finalize (redelivered, or re-sent by the reconciler) must not
 # count the job's end twice.
 _SAVE_REPORT = """
@@ -105,7 +150,8 @@ RESENDS = "zroact:metrics:resends"
 RESEND_KINDS = ("ingest", "stage1", "stage2", "finalize", "window", "lost_task")
 """``lost_task``: a message given back from a lost worker; the others: a job's missing step."""
 
-JOB_PARTS = ("", "kf", "groups", "groups_done", "done", "pending", "inflight", "offered")
+JOB_PARTS = ("", "kf", "groups", "groups_done", "done", "pending", "inflight", "offered",
+             "chunks")
 """Every per-job key but the frame store's (which deletes its own)."""
 
 
@@ -123,26 +169,34 @@ class JobStore:
         self._check = self.r.register_script(_CHECK_BARRIER)
         self._pump = self.r.register_script(_PUMP)
         self._save = self.r.register_script(_SAVE_REPORT)
+        self._next_chunks = self.r.register_script(_NEXT_CHUNKS)
+        self._chunk_done = self.r.register_script(_CHUNK_DONE)
 
     # --- job meta -------------------------------------------------------------------------
-    def create(self, spec: JobSpec, deadline_s: float) -> None:
+    def create(self, spec: JobSpec, deadline_s: float, stall_s: float) -> None:
+        """Record a new job; ``deadline_s`` 0 = no absolute limit (``stall_s`` still applies)."""
         key = _key(spec.job_id)
         pipe = self.r.pipeline()
         pipe.hset(key, mapping={"spec": spec.model_dump_json(), "state": "queued",
-                                "progress_at": spec.submitted_at})
+                                "progress_at": spec.submitted_at, "stall_s": stall_s,
+                                "deadline_s": deadline_s})
         pipe.expire(key, self.ttl_s)
-        pipe.zadd(DEADLINES, {spec.job_id: spec.submitted_at + deadline_s})
+        pipe.zadd(DEADLINES, {spec.job_id: spec.submitted_at + deadline_s if deadline_s
+                              else float("inf")})
         pipe.execute()
 
     def overdue(self, now: float) -> list[str]:
         return self.r.zrangebyscore(DEADLINES, "-inf", now)
 
-    def deadline_of(self, job_id: str) -> float | None:
-        """The deadline the job was submitted with, in seconds from its submission."""
-        score = self.r.zscore(DEADLINES, job_id)
-        if score is None:
-            return None
-        return round(score - self.spec(job_id).submitted_at, 3)
+    def progress_times(self, job_ids: list[str]) -> dict[str, tuple[float | None, float]]:
+        """Job -> (last progress, its stall limit), in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(_key(job_id), ["progress_at", "stall_s"])
+        out = {}
+        for job_id, (progress, stall) in zip(job_ids, pipe.execute()):
+            out[job_id] = (float(progress) if progress else None, float(stall or 0))
+        return out
 
     def unfinished(self) -> list[str]:
         return self.r.zrange(DEADLINES, 0, -1)
@@ -223,6 +277,30 @@ class JobStore:
                   str(offer["slot"]) if offer else ""])
         return [json.loads(i) for i in items]
 
+    # --- chunked ingest --------------------------------------------------------------------
+    def next_chunks(self, job_id: str, per_chunk: int, lead: int) -> list[int]:
+        """The job's chunks to send now (``_NEXT_CHUNKS``)."""
+        keys = [_key(job_id), _key(job_id, "pending"), _key(job_id, "inflight"),
+                _key(job_id, "chunks")]
+        return [int(c) for c in self._next_chunks(keys=keys, args=[per_chunk, lead])]
+
+    def chunk_done(self, job_id: str, chunk: int, keyframes: int,
+                   end_frame: int | None) -> tuple[int, int, int]:
+        """Record a stored chunk (``end_frame``: frames decoded, if it found the video's end):
+        (chunks done, the end chunk or -1, chunks sent)."""
+        done, end, sent = self._chunk_done(
+            keys=[_key(job_id), _key(job_id, "chunks")],
+            args=[chunk, "" if end_frame is None else end_frame, keyframes, self.ttl_s,
+                  time.time()])
+        return int(done), int(end), int(sent)
+
+    def chunks_stored(self, job_id: str) -> set[int]:
+        return {int(c) for c in self.r.smembers(_key(job_id, "chunks"))}
+
+    def offered(self, job_id: str) -> set[int]:
+        """Slots already offered to the window (a re-run chunk does not store them again)."""
+        return {int(s) for s in self.r.smembers(_key(job_id, "offered"))}
+
     # --- Stage 1 ------------------------------------------------------------------------
     def record_keyframes(self, job_id: str, results: list[dict]) -> None:
         """Store Stage 1 results (each with a ``keyframe`` field); rewriting one is harmless."""
@@ -254,8 +332,7 @@ class JobStore:
 
     def set_groups_total(self, job_id: str, total: int) -> bool:
         """Publish the group count; True if every group had already ended (enqueue finalize)."""
-        self.r.hset(_key(job_id), "groups_total", total)
-        return bool(self._check(keys=self._barrier_keys(job_id), args=[self.ttl_s]))
+        return bool(self._check(keys=self._barrier_keys(job_id), args=[self.ttl_s, total]))
 
     def close_barrier(self, job_id: str) -> bool:
         """End the job now (failure, cancel, deadline); True for the one caller that won."""
@@ -309,4 +386,7 @@ class JobStore:
             stage2_done=stage2_done,
             stage2_total=int(meta.get("slots_total", meta.get("slots_seen", 0))),
             elapsed_s=round(max(0.0, end - submitted), 3),
+            idle_s=round(max(0.0, end - float(meta.get("progress_at", submitted))), 3),
+            stall_s=float(meta.get("stall_s", 0)),
+            deadline_s=float(meta.get("deadline_s", 0)) or None,
         )

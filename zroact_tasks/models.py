@@ -117,6 +117,12 @@ class JobStatus(BaseModel):
     stage2_done: int = 0
     stage2_total: int = 0
     elapsed_s: float = 0.0
+    idle_s: float = 0.0
+    """Seconds since the job last made progress (while it waits for admission: 0)."""
+    stall_s: float = 0.0
+    """It ends ``failed`` once ``idle_s`` reaches this (``JOB_STALL_S`` when submitted)."""
+    deadline_s: float | None = None
+    """Its absolute limit from submission, if one was set (``JOB_DEADLINE_S``)."""
 
 
 def report_schema() -> dict:

@@ -21,8 +21,8 @@ CONTROL_STEPS = (SLOT_READY, SLOT_FAILED, FINALIZE)
 """The short bookkeeping tasks of the control queue (ingest apart)."""
 
 
-def ingest_id(job_id: str) -> str:
-    return f"{job_id}:ingest"
+def ingest_id(job_id: str, chunk: int = 0) -> str:
+    return f"{job_id}:ingest" if chunk == 0 else f"{job_id}:ingest:{chunk}"
 
 
 def detect_id(job_id: str, first_keyframe: int) -> str:
@@ -78,14 +78,21 @@ def send_judge(app: Celery, job_id: str, slot: int, keyframes: list[int],
                   priority=priority)
 
 
+def send_ingest(app: Celery, spec: dict, chunk: int = 0) -> None:
+    """Send one ingest step: chunk ``chunk`` of the job (chunk 0 also plans and admits it)."""
+    app.send_task(INGEST, args=(spec, chunk), task_id=ingest_id(spec["job_id"], chunk),
+                  priority=spec.get("priority"))
+
+
 def send_finalize(app: Celery, job_id: str) -> None:
     app.send_task(FINALIZE, args=(job_id,), task_id=finalize_id(job_id),
                   priority=BOOKKEEPING_PRIORITY)
 
 
-def job_task_ids(job_id: str, keyframes: list[int], slot_size: int, batch: int) -> list[str]:
+def job_task_ids(job_id: str, keyframes: list[int], slot_size: int, batch: int,
+                 chunks: int = 1) -> list[str]:
     """Every task id a job can have, for revoking them all."""
-    ids = [ingest_id(job_id)]
+    ids = [ingest_id(job_id, c) for c in range(max(1, chunks))]
     for slot, kfs in enumerate(batches(keyframes, slot_size)):
         ids += [detect_id(job_id, b[0]) for b in batches(kfs, batch)]
         ids += [slot_ready_id(job_id, slot), judge_id(job_id, slot)]

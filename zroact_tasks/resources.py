@@ -22,4 +22,7 @@ def jobs() -> JobStore:
 @cache
 def frames() -> FrameStore:
     s = get_settings()
-    return FrameStore(connect(s.redis_url, retry_s=s.redis_retry_s), ttl_s=int(s.job_deadline_s) + 3600)
+    # The TTL is a backstop (finalize deletes the frames): each write renews it, so it only has
+    # to outlast a job that stopped moving.
+    return FrameStore(connect(s.frames_url or s.redis_url, retry_s=s.redis_retry_s),
+                      ttl_s=int(s.job_stall_s) + 3600)

@@ -1,4 +1,5 @@
-"""Job deadlines: a job still running after ``JOB_DEADLINE_S`` ends ``failed``.
+"""Stalls and deadlines: a job that made no progress for ``JOB_STALL_S`` (waiting for admission
+apart), or still running past its optional ``JOB_DEADLINE_S``, ends ``failed``.
 
 The same sweeper thread runs the reconciler first (control/reconcile.py): the deadline is the
 last resort, repair is the recovery path.
@@ -29,17 +30,38 @@ _stop = threading.Event()
 
 
 class JobDeadlineError(ZroactError):
-    """The job did not end within ``JOB_DEADLINE_S``."""
+    """The job did not end within its ``JOB_DEADLINE_S``."""
+
+
+class JobStalledError(ZroactError):
+    """The job made no progress for its ``JOB_STALL_S``."""
+
+
+def _due(jobs, now: float) -> dict[str, JobError]:
+    """Jobs to end now, each with why: overdue, or stalled (not while waiting for admission)."""
+    due = {}
+    for job_id in jobs.overdue(now):
+        meta = jobs.r.hmget(f"zroact:job:{job_id}", ["deadline_s"])
+        allowed = float(meta[0] or 0)
+        due[job_id] = JobError(type="JobDeadlineError", message=(
+            f"timed out at {jobs.stage_of(job_id)} after {allowed:g} s (JOB_DEADLINE_S)"))
+    stalled = {j: (p, limit) for j, (p, limit) in jobs.progress_times(jobs.unfinished()).items()
+               if j not in due and limit and p is not None and now - p >= limit}
+    if stalled:
+        waiting = set(resources.frames().waiting())
+        for job_id, (progress, limit) in stalled.items():
+            if job_id in waiting:
+                jobs.touch(job_id)  # waiting for admission is not a stall
+                continue
+            due[job_id] = JobError(type="JobStalledError", message=(
+                f"no progress at {jobs.stage_of(job_id)} for {limit:g} s (JOB_STALL_S)"))
+    return due
 
 
 def sweep(app, now: float | None = None) -> list[str]:
-    """End every overdue job; returns the ids this call ended."""
+    """End every overdue or stalled job; returns the ids this call ended."""
     jobs, ended = resources.jobs(), []
-    for job_id in jobs.overdue(time.time() if now is None else now):
-        stage = jobs.stage_of(job_id)
-        allowed = jobs.deadline_of(job_id) or get_settings().job_deadline_s  # the job's own
-        error = JobError(type="JobDeadlineError",
-                         message=f"timed out at {stage} after {allowed:g} s")
+    for job_id, error in _due(jobs, time.time() if now is None else now).items():
         if jobs.close_barrier(job_id):
             jobs.update(job_id, error=error.model_dump_json())
             jobs.request_abort(job_id, "failed")
@@ -72,7 +94,7 @@ def _start(sender=None, **_: object) -> None:
     if "control" not in queues:
         return
     settings = get_settings()
-    interval = min(settings.reconcile_interval_s, max(0.2, settings.job_deadline_s / 20))
+    interval = min(settings.reconcile_interval_s, max(0.2, settings.job_stall_s / 20))
     threading.Thread(target=_loop, args=(sender.app, interval), name="zroact-deadlines",
                      daemon=True).start()
 

@@ -1,7 +1,10 @@
-"""Ingest: decode a video once, store the frames Stage 1 and Stage 2 read, send each slot's chord.
+"""Ingest in chunks: each step decodes a span of slots (plus the clip history they need), stores
+the frames Stage 1 and Stage 2 read, and offers those slots to the job's window.
 
-Slots are sent while decoding goes on: slot j leaves as soon as its last keyframe is decoded and
-stored, so Stage 1 of a long video starts within a few frames of the beginning.
+Chunk 0 plans the job (probe, measured frame sizes, admission); every chunk then decodes on its
+own, so several control workers can decode one seekable video at once, and a lost worker costs
+one chunk. Chunks are paced by ``JobStore.next_chunks``: decoding stays a bounded lead ahead of
+Stage 1, so the frames a job holds do not grow with the video's length.
 """
 
 from __future__ import annotations
@@ -16,33 +19,54 @@ from ..config import Settings
 from ..errors import VideoDecodeError, VideoTooShortError
 from ..media import clips, video
 from ..media.store import FrameStore
-from ..models import JobSpec, VideoInfo
+from ..models import JobSpec
 
 FLUSH_EVERY = 32
-"""Frames buffered before one pipelined write to the store (bounds ingest memory)."""
+"""Frames buffered before one pipelined write to the store (bounds a chunk's memory)."""
 
-JPEG_BYTES_PER_PIXEL = 0.25
-"""A generous estimate of a q95 JPEG's size (measured: ~0.04-0.12 bytes a pixel on our videos),
-so that admitting an ingest by its estimate keeps the frame budget."""
-
-
-def estimate_frame_bytes(probe: video.Probe, spec: JobSpec, settings: Settings) -> int:
-    """Bytes an ingest of this video will hold in the store, from what the container declares."""
-    frames = probe.declared_frames or settings.max_frames
-    side = settings.stage1_frame_size
-    stage1 = (side * side if side else probe.width * probe.height) * 3 * JPEG_BYTES_PER_PIXEL
-    keyframe = probe.width * probe.height * 3 * JPEG_BYTES_PER_PIXEL
-    return int(frames * stage1 + frames // spec.keyframe_stride * keyframe)
+FOOTPRINT_MARGIN = 1.5
+"""Frames of one video vary in JPEG size; the footprint allows for half as much again as the
+frames sampled at planning."""
 
 SendSlot = Callable[[int, list[int]], None]
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What chunk 0 learns about the video once; every chunk reads it from the job's record."""
+
+    path: str
+    fps: float
+    width: int
+    height: int
+    declared_frames: int
+    seekable: bool
+    stage1_bytes: int
+    """Bytes of one stored Stage 1 frame (the largest of the frames sampled)."""
+    full_bytes: int
+    """Bytes of one stored full-resolution keyframe (what Stage 2 sends)."""
+    chunk_slots: int
+    """Slots per chunk, fixed per job (control workers' settings may differ)."""
+
+    def footprint(self, spec: JobSpec, settings: Settings, stage2: bool) -> int:
+        """Bytes of frames the job holds at most: the chunks decoding runs ahead by, one more
+        being decoded, and the clip history reaching back before them."""
+        per_slot_frames = len({f for k in clips.slot_keyframes(2, spec.slot_size, spec.keyframe_stride)
+                               for f in clips.clip_frames(k, spec.clip_length, spec.sampling_rate)})
+        per_slot = per_slot_frames * self.stage1_bytes + stage2 * spec.slot_size * self.full_bytes
+        slots = (settings.ingest_lead_chunks + 1) * self.chunk_slots + 1
+        return int(FOOTPRINT_MARGIN * slots * per_slot)
+
+
 @dataclass
-class IngestResult:
-    video: VideoInfo
-    keyframes: list[int]
-    slots: list[list[int]]
-    warnings: list[str] = field(default_factory=list)
+class ChunkResult:
+    slots: list[tuple[int, list[int]]] = field(default_factory=list)
+    """(slot, keyframes) offered by this chunk, in order."""
+    keyframes: int = 0
+    end_frame: int | None = None
+    """Frames in the video, if this chunk found its end (decoding stopped before the span's end)."""
+    stopped: bool = False
+    """The job ended or was cancelled while the chunk decoded: nothing was offered."""
     seconds: float = 0.0
 
 
@@ -73,60 +97,108 @@ def stage1_copy(frame, size: int):
     return cv2.resize(frame, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
-def ingest(spec: JobSpec, settings: Settings, store: FrameStore, send_slot: SendSlot,
-           should_stop: Callable[[], bool] = lambda: False,
-           on_probe: Callable[[video.Probe], None] = lambda probe: None) -> IngestResult:
-    """Decode ``spec.video``, store needed frames, call ``send_slot(j, keyframes)`` per slot.
-
-    Raises an InputError subclass when the video cannot be used; in that case no slot has been
-    sent unless the video broke a limit mid-way (the caller then aborts the job).
-    """
-    started = time.perf_counter()
+def plan(spec: JobSpec, settings: Settings) -> Plan:
+    """Check the video (InputError subclasses) and measure what its frames cost to store."""
     path = video.resolve_video_path(spec.video, settings.media_root)
     info = video.probe(path, max_pixels=settings.max_pixels, max_frames=settings.max_frames,
                        max_duration_s=settings.max_duration_s)
-    on_probe(info)
-    stride, size = spec.keyframe_stride, spec.slot_size
-    buffer = _Buffer(store, spec.job_id)
-    stop = lambda: buffer.job_ended or should_stop()  # noqa: E731
-    keyframes: list[int] = []
-    pending: list[int] = []  # keyframes of the slot being filled
-    slots: list[list[int]] = []
-    decoded = 0
-    for index, frame in video.decode(path, settings.max_frames):
-        decoded = index + 1
-        if index % FLUSH_EVERY == 0 and stop():
+    samples = [0] + ([info.declared_frames // 2] if info.seekable else [])
+    small, full = 0, 0
+    for start in samples:
+        for _, frame in video.decode_span(path, start, start, seek=info.seekable,
+                                          max_frames=settings.max_frames):
+            q = settings.frame_jpeg_quality
+            small = max(small, len(video.encode_jpeg(stage1_copy(frame, settings.stage1_frame_size), q)))
+            full = max(full, len(video.encode_jpeg(frame, q)))
+        if not small:
+            raise VideoDecodeError(str(spec.video), "no frame could be decoded")
+    return Plan(str(path), info.fps, info.width, info.height, info.declared_frames,
+                info.seekable, small, full, settings.ingest_chunk_slots)
+
+
+def ingest_chunk(spec: JobSpec, job_plan: Plan, chunk: int, settings: Settings,
+                 store: FrameStore, send_slot: SendSlot, *, skip: set[int] = frozenset(),
+                 stage2: bool = True, should_stop: Callable[[], bool] = lambda: False) -> ChunkResult:
+    """Decode chunk ``chunk``, store what its slots need, call ``send_slot(j, keyframes)``.
+
+    Slots in ``skip`` (offered by an earlier run of this chunk) are neither stored nor sent
+    again. Raises VideoTooShortError when chunk 0 finds fewer frames than one keyframe stride.
+    """
+    started = time.perf_counter()
+    stride, size, per = spec.keyframe_stride, spec.slot_size, job_plan.chunk_slots
+    first_slot = chunk * per
+    first, last = clips.chunk_frames(first_slot, per, size, stride, spec.clip_length,
+                                     spec.sampling_rate)
+    wanted = {j: clips.slot_keyframes(j, size, stride) for j in range(first_slot, first_slot + per)
+              if j not in skip}
+    keyframes = {k for kfs in wanted.values() for k in kfs}
+    stage1 = {f for k in keyframes for f in clips.clip_frames(k, spec.clip_length, spec.sampling_rate)}
+    buffer, quality = _Buffer(store, spec.job_id), settings.frame_jpeg_quality
+    result = ChunkResult()
+    decoded_to = first  # frames 0 .. decoded_to - 1 exist
+    for index, frame in video.decode_span(job_plan.path, first, last, seek=job_plan.seekable,
+                                          max_frames=settings.max_frames):
+        decoded_to = index + 1
+        if index % FLUSH_EVERY == 0 and (buffer.job_ended or should_stop()):
+            result.stopped = True
             break
-        quality = settings.frame_jpeg_quality
-        if clips.is_needed(index, stride, spec.clip_length, spec.sampling_rate):
+        if index in stage1:
             small = stage1_copy(frame, settings.stage1_frame_size)
             buffer.add("stage1", index, video.encode_jpeg(small, quality))
-        if not clips.is_keyframe(index, stride):
-            continue
-        buffer.add("full", index, video.encode_jpeg(frame, quality))  # what Stage 2 sends
-        keyframes.append(index)
-        pending.append(index)
-        if len(pending) == size:
-            buffer.flush()  # a slot leaves only once every frame of its clips is stored
-            if stop():
-                break
-            send_slot(len(slots), pending)
-            slots.append(pending)
-            pending = []
+        if stage2 and index in keyframes:
+            buffer.add("full", index, video.encode_jpeg(frame, quality))
     buffer.flush()
-    if decoded == 0:
-        raise VideoDecodeError(str(spec.video), "no frame could be decoded")
-    if not keyframes:
-        raise VideoTooShortError(
-            str(spec.video), f"{decoded} frames is shorter than one keyframe stride ({stride})")
-    if pending and not stop():
-        send_slot(len(slots), pending)  # trailing partial slot: Stage 1 only
-        slots.append(pending)
-    warnings = []
-    if info.declared_frames and decoded < info.declared_frames:
-        warnings.append(f"decoded {decoded} of {info.declared_frames} frames")
-    return IngestResult(
-        video=VideoInfo(frames=decoded, fps=info.fps, width=info.width, height=info.height),
-        keyframes=keyframes, slots=slots, warnings=warnings,
-        seconds=time.perf_counter() - started,
-    )
+    if result.stopped or buffer.job_ended or should_stop():
+        result.stopped = True
+        return result
+    if decoded_to <= last:
+        result.end_frame = decoded_to
+        if chunk == 0 and decoded_to < stride:
+            raise VideoTooShortError(
+                str(spec.video), f"{decoded_to} frames is shorter than one keyframe stride ({stride})")
+    for j, kfs in wanted.items():
+        kfs = [k for k in kfs if k < decoded_to]
+        if kfs:
+            send_slot(j, kfs)
+            result.slots.append((j, kfs))
+            result.keyframes += len(kfs)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def keyframes_total(end_chunk: int, end_frame: int, spec: JobSpec, job_plan: Plan) -> int:
+    """Keyframes of the video whose first end-finding chunk is ``end_chunk``: every chunk before
+    it decoded its whole span."""
+    whole = end_chunk * job_plan.chunk_slots * spec.slot_size
+    return max(whole, clips.keyframe_count(end_frame, spec.keyframe_stride))
+
+
+@dataclass
+class WholeVideo:
+    plan: Plan
+    frames: int
+    keyframes: list[int]
+    slots: list[list[int]]
+    warnings: list[str]
+
+
+def ingest_whole(spec: JobSpec, settings: Settings, store: FrameStore,
+                 send_slot: SendSlot) -> WholeVideo:
+    """Plan and decode every chunk in this process, one after the other (what the chunk tasks
+    do across workers, without pacing): for tests and benchmarks."""
+    job_plan = plan(spec, settings)
+    chunk, end, slots = 0, None, {}
+
+    def send(j: int, kfs: list[int]) -> None:
+        slots[j] = kfs
+        send_slot(j, kfs)
+
+    while end is None:
+        end = ingest_chunk(spec, job_plan, chunk, settings, store, send).end_frame
+        chunk += 1
+    total = keyframes_total(chunk - 1, end, spec, job_plan)
+    frames = max(end, total * spec.keyframe_stride)
+    warnings = ([f"decoded {frames} of {job_plan.declared_frames} frames"]
+                if job_plan.declared_frames and frames < job_plan.declared_frames else [])
+    keyframes = clips.keyframe_indices(total * spec.keyframe_stride, spec.keyframe_stride)
+    return WholeVideo(job_plan, frames, keyframes, [slots[j] for j in sorted(slots)], warnings)

@@ -31,6 +31,9 @@ from celery import Celery
 
 from .. import liveness, pipeline, resources
 from ..config import get_settings
+from ..errors import JobNotFoundError
+from ..jobstate import DEADLINES
+from ..media import clips
 from ..models import JobSpec
 from ..redisconn import connect
 
@@ -111,15 +114,17 @@ class Reconciler:
 
     def stranded(self, now: float | None = None) -> list[str]:
         """Unfinished jobs to repair: quiet (nothing recorded, nothing queued or held) since
-        ``REPAIR_QUIET_S``, or nothing recorded since ``NO_PROGRESS_S`` whatever looks held."""
+        ``REPAIR_QUIET_S``, or nothing recorded since ``NO_PROGRESS_S`` whatever looks held.
+        A job waiting for admission is not stranded: a job's end wakes it."""
         now = time.time() if now is None else now
         jobs, s = resources.jobs(), self.settings
         idle: dict[str, float] = {}
-        for job_id in jobs.unfinished():
-            progress = jobs.r.hget(f"zroact:job:{job_id}", "progress_at")
-            age = now - float(progress) if progress is not None else float("inf")
+        for job_id, (progress, _) in jobs.progress_times(jobs.unfinished()).items():
+            age = now - progress if progress is not None else float("inf")
             if age >= s.repair_quiet_s:
                 idle[job_id] = age
+        waiting = set(resources.frames().waiting()) if idle else set()
+        idle = {j: age for j, age in idle.items() if j not in waiting}
         if not idle:
             self.quiet_since.clear()
             return []
@@ -140,27 +145,36 @@ class Reconciler:
 
     def repair(self, job_id: str) -> list[str]:
         """Send again what the job misses; what was sent (e.g. ``["stage2:4"]``)."""
+        from .tasks import finish_ingest, send_next_chunks  # noqa: PLC0415
+
         jobs = resources.jobs()
         if not jobs.lock_repair(job_id, self.settings.repair_quiet_s):
             return []  # another control worker repairs it
-        meta = jobs.r.hgetall(f"zroact:job:{job_id}")
-        if not meta:  # expired or deleted: nothing to finish
-            jobs.r.zrem("zroact:deadlines", job_id)
+        try:
+            meta = jobs.meta(job_id)
+        except JobNotFoundError:  # expired or deleted: nothing to finish
+            jobs.r.zrem(DEADLINES, job_id)
             return []
         sent: list[str] = []
+        spec = JobSpec.model_validate_json(meta["spec"])
         if "report" in meta:
-            jobs.r.zrem("zroact:deadlines", job_id)
+            jobs.r.zrem(DEADLINES, job_id)
         elif jobs.barrier_closed(job_id) or "abort" in meta:
             jobs.close_barrier(job_id)
             pipeline.send_finalize(self.app, job_id)
             sent.append("finalize")
-        elif "groups_total" not in meta:
-            self.app.send_task(pipeline.INGEST, args=(json.loads(meta["spec"]),),
-                               task_id=pipeline.ingest_id(job_id),
-                               priority=json.loads(meta["spec"]).get("priority"))
-            sent.append("ingest")
+        elif "plan" not in meta or "ingest_started" not in meta:  # chunk 0 (the plan) was lost
+            pipeline.send_ingest(self.app, spec.model_dump(mode="json"), 0)
+            sent.append("ingest:0")
         else:
-            sent += self._repair_slots(job_id, meta)
+            sent += self._repair_chunks(spec, meta)
+            if not sent:
+                sent += self._repair_slots(job_id, meta)
+            if not sent and "chunks_end" not in meta:
+                sent += [f"ingest:{c}" for c in send_next_chunks(spec, meta)]
+            if not sent and "groups_total" not in meta and "chunks_end" in meta:
+                finish_ingest(spec, meta)  # every chunk stored; the totals were lost
+                sent.append("finalize")
         jobs.touch(job_id)  # give what was sent REPAIR_QUIET_S to show progress
         for what in sent:
             jobs.count_resend(what.split(":")[0])
@@ -168,20 +182,35 @@ class Reconciler:
                         job_id, what, self.settings.repair_quiet_s)
         return sent
 
+    def _repair_chunks(self, spec: JobSpec, meta: dict) -> list[str]:
+        """Chunks sent but never stored (up to the video's end, once it is known)."""
+        stored = resources.jobs().chunks_stored(spec.job_id)
+        sent = int(meta.get("chunk_next", 1))
+        if "chunks_end" in meta:
+            sent = min(sent, int(meta["chunks_end"]) + 1)
+        missing = [c for c in range(sent) if c not in stored]
+        for chunk in missing:
+            pipeline.send_ingest(self.app, spec.model_dump(mode="json"), chunk)
+        return [f"ingest:{c}" for c in missing]
+
     def _repair_slots(self, job_id: str, meta: dict) -> list[str]:
         from .tasks import pump, record_group, release_slot, slot_params  # noqa: PLC0415
 
         jobs, settings = resources.jobs(), self.settings
         spec = JobSpec.model_validate_json(meta["spec"])
         stage2 = meta.get("stage2") == "true"
-        slots = json.loads(meta.get("slots", "[]"))
+        total = int(meta["keyframes_total"]) if "keyframes_total" in meta else None
+        offered = sorted(jobs.offered(job_id))
+        if total is not None:
+            offered = [j for j in offered if j * spec.slot_size < total]
         groups = jobs.groups(job_id)
         kf = jobs.keyframes(job_id)
         pending, _ = jobs.pending_and_inflight(job_id)
         waiting = {item["slot"] for item in pending}
         frame_size = json.loads(meta["frame_size"])
         sent = []
-        for slot, keyframes in enumerate(slots):
+        for slot in offered:
+            keyframes = clips.slot_keyframes(slot, spec.slot_size, spec.keyframe_stride, total)
             if slot in groups or slot in waiting:
                 continue
             judge = stage2 and len(keyframes) == spec.slot_size
@@ -190,14 +219,14 @@ class Reconciler:
                 if failed:
                     record_group(job_id, slot, {"error": f"stage 1 failed on frame "
                                                          f"{failed[0]['keyframe']}: "
-                                                         f"{failed[0]['error']}"})
+                                                         f"{failed[0]['error']}"}, keyframes)
                 elif judge:
                     detections = {str(k): kf[k]["detections"] for k in keyframes}
                     pipeline.send_judge(self.app, job_id, slot, keyframes, detections,
                                         spec.priority)
                     sent.append(f"stage2:{slot}")
                 else:
-                    record_group(job_id, slot, {"stage2": False})
+                    record_group(job_id, slot, {"stage2": False}, keyframes)
                 release_slot(job_id, slot, keyframes)
             else:
                 pipeline.send_slot(self.app, job_id, slot, keyframes,
@@ -207,17 +236,24 @@ class Reconciler:
         if not sent and waiting:
             pump(spec, stage2, frame_size)  # the window has room: let the next slots in
             sent.append("window")
-        if not sent and len(groups) >= len(slots) and jobs.set_groups_total(job_id, len(slots)):
+        slots = len(clips.job_slots(total, spec.slot_size, spec.keyframe_stride)) if total else None
+        if (not sent and slots is not None and len(groups) >= slots
+                and jobs.set_groups_total(job_id, slots)):
             pipeline.send_finalize(self.app, job_id)  # every slot ended; the barrier was lost
             sent.append("finalize")
         return sent
 
     # --- 3. budgets ---------------------------------------------------------------------------
     def recount_budget(self) -> None:
-        before, now, dropped = resources.frames().reconcile("zroact:deadlines")
+        """Recount the frames held, drop admissions of ended jobs, and wake waiting jobs that
+        fit (a backstop: a job's end wakes them, unless its worker died just then)."""
+        from .tasks import wake_waiting  # noqa: PLC0415
+
+        before, now, dropped = resources.frames().reconcile(resources.jobs().unfinished())
         if before != now or dropped:
-            log.info("frame budget recounted: %d -> %d bytes held, %d stale reservations "
+            log.info("frame budget recounted: %d -> %d bytes held, %d stale admissions "
                      "dropped", before, now, dropped)
+        wake_waiting()
 
     # --- one round ------------------------------------------------------------------------------
     def sweep(self) -> None:

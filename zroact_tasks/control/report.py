@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+from ..media import clips
 from ..models import (
     JobError,
     JobReport,
@@ -29,7 +30,9 @@ def build_report(job_id: str, meta: dict[str, str], kf_records: dict[int, dict],
     abort = meta.get("abort")
     video = VideoInfo.model_validate_json(meta["video"]) if "video" in meta else None
     fps = video.fps if video else 30.0
-    keyframe_list: list[int] = json.loads(meta.get("keyframes", "[]"))
+    total = int(meta.get("keyframes_total", 0))
+    stride, slot_size = spec["keyframe_stride"], spec["slot_size"]
+    keyframe_list = clips.keyframe_indices(total * stride, stride)
     missing_reason = "cancelled" if abort == "cancelled" else "no Stage 1 result"
 
     keyframes = []
@@ -42,8 +45,7 @@ def build_report(job_id: str, meta: dict[str, str], kf_records: dict[int, dict],
         ))
 
     slots = []
-    slot_size = spec["slot_size"]
-    for j, kfs in enumerate(json.loads(meta.get("slots", "[]"))):
+    for j, kfs in enumerate(clips.split_slots(keyframe_list, slot_size)):
         if len(kfs) < slot_size:
             continue  # trailing partial slot: Stage 1 only, no Stage 2 request
         rec = groups.get(j, {})

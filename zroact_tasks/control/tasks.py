@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 
 from .. import pipeline, resources
 from ..app import app
 from ..config import get_settings
-from ..errors import InputError
-from ..models import JobError, JobSpec
+from ..errors import InputError, JobNotFoundError
+from ..media import clips
+from ..models import JobError, JobSpec, VideoInfo
 from ..redisconn import TRANSIENT_ERRORS
 from . import deadlines  # noqa: F401  (connects the deadline sweeper to control workers)
-from .ingest import estimate_frame_bytes, ingest
+from .ingest import Plan, ingest_chunk, keyframes_total, plan
 from .report import build_report
 
 log = logging.getLogger(__name__)
@@ -24,9 +26,12 @@ def one_line(exc: BaseException | str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def record_group(job_id: str, slot: int, record: dict) -> None:
-    """Record a slot's end; whoever records the last slot enqueues the report."""
-    if resources.jobs().record_group(job_id, slot, record) == 2:
+def record_group(job_id: str, slot: int, record: dict, keyframes: list[int]) -> None:
+    """Record a slot's end and free its keyframes (only its Stage 2 read them); whoever records
+    the last slot enqueues the report."""
+    closed = resources.jobs().record_group(job_id, slot, record) == 2
+    resources.frames().free(job_id, full=keyframes)
+    if closed:
         pipeline.send_finalize(app, job_id)
 
 
@@ -59,56 +64,86 @@ def pump(spec: JobSpec, stage2: bool, frame_size: list[int], offer: dict | None 
 
 
 def release_slot(job_id: str, slot: int, keyframes: list[int], meta: dict | None = None) -> None:
-    """A slot's Stage 1 is over: free its place in the window for the job's next slot."""
+    """A slot's Stage 1 is over: free the frames only its clips read, let the job's next slot
+    into the window and, if the lead has room, send the next ingest chunks."""
     meta = meta if meta is not None else resources.jobs().meta(job_id)
+    spec = JobSpec.model_validate_json(meta["spec"])
+    used = {f for k in keyframes for f in clips.clip_frames(k, spec.clip_length, spec.sampling_rate)}
+    resources.frames().free(job_id, ended_slot=slot, stage1={
+        f: clips.slots_using(f, spec.slot_size, spec.keyframe_stride, spec.clip_length,
+                             spec.sampling_rate) for f in used})
     if "abort" in meta:
         return
-    pump(JobSpec.model_validate_json(meta["spec"]), meta.get("stage2") == "true",
-         json.loads(meta["frame_size"]), release={"slot": slot, "keyframes": keyframes})
+    pump(spec, meta.get("stage2") == "true", json.loads(meta["frame_size"]),
+         release={"slot": slot, "keyframes": keyframes})
+    if "chunks_end" not in meta:
+        send_next_chunks(spec, meta)
 
 
-class _NoRoom(Exception):
-    """The frame budget has no room for this ingest yet (backpressure)."""
+def send_next_chunks(spec: JobSpec, meta: dict | None = None) -> list[int]:
+    jobs = resources.jobs()
+    meta = meta if meta is not None else jobs.meta(spec.job_id)
+    per = Plan(**json.loads(meta["plan"])).chunk_slots
+    chunks = jobs.next_chunks(spec.job_id, per, get_settings().ingest_lead_chunks)
+    for chunk in chunks:
+        pipeline.send_ingest(app, spec.model_dump(mode="json"), chunk)
+    return chunks
 
 
-@app.task(name=pipeline.INGEST, bind=True, max_retries=None)
-def ingest_video(self, spec_data: dict) -> dict:
-    """Decode the video, store its frames and send one chord per slot."""
+def finish_ingest(spec: JobSpec, meta: dict) -> None:
+    """Every chunk up to the video's end is stored: publish the totals (once they are known the
+    last slot to end enqueues the report)."""
+    jobs = resources.jobs()
+    job_plan = Plan(**json.loads(meta["plan"]))
+    end_chunk, end_frame = int(meta["chunks_end"]), int(meta["frames_end"])
+    total = keyframes_total(end_chunk, end_frame, spec, job_plan)
+    slots = clips.job_slots(total, spec.slot_size, spec.keyframe_stride)
+    frames = max(end_frame, total * spec.keyframe_stride)
+    warnings = []
+    if job_plan.declared_frames and frames < job_plan.declared_frames:
+        warnings.append(f"decoded {frames} of {job_plan.declared_frames} frames")
+    info = VideoInfo(frames=frames, fps=job_plan.fps, width=job_plan.width, height=job_plan.height)
+    stage2 = meta.get("stage2") == "true"
+    jobs.update(spec.job_id, video=info.model_dump_json(), warnings=json.dumps(warnings),
+                keyframes_total=str(total),
+                slots_total=str(sum(len(s) == spec.slot_size for s in slots) if stage2 else 0))
+    if jobs.set_groups_total(spec.job_id, len(slots)):
+        pipeline.send_finalize(app, spec.job_id)
+
+
+@app.task(name=pipeline.INGEST, bind=True)
+def ingest_video(self, spec_data: dict, chunk: int = 0) -> dict:
+    """One ingest step: decode chunk ``chunk``, store its frames, offer its slots. Chunk 0 first
+    checks the video and admits the job (or puts it in line: a job that ends wakes it)."""
     spec, settings, jobs = JobSpec.model_validate(spec_data), get_settings(), resources.jobs()
-    job_id = spec.job_id
+    job_id, store = spec.job_id, resources.frames()
     if jobs.cancel_requested(job_id) or jobs.barrier_closed(job_id):
         return {"job_id": job_id, "skipped": "job already stopped"}
-    store, admitted = resources.frames(), []
-    stage2 = settings.vlm_url is not None
-    jobs.update(job_id, state="running", ingest_started=str(time.time()),
-                stage2="true" if stage2 else "false")
-    seen = {"keyframes": 0, "slots": 0}
-    frame_size: list[int] = []
-
-    def on_probe(probe) -> None:
-        frame_size[:] = [probe.width, probe.height]
-        jobs.update(job_id, frame_size=json.dumps(frame_size))
-        if settings.frame_budget_bytes:  # backpressure: wait outside a worker process for room
-            estimate = estimate_frame_bytes(probe, spec, settings)
-            if not store.admit(job_id, estimate, settings.frame_budget_bytes):
-                raise _NoRoom()
-            admitted.append(estimate)
-
-    def send_slot(slot: int, keyframes: list[int]) -> None:
-        pump(spec, stage2, frame_size, offer={"slot": slot, "keyframes": keyframes})
-        seen["keyframes"] += len(keyframes)
-        judge = stage2 and len(keyframes) == spec.slot_size
-        seen["slots"] += judge
-        jobs.update(job_id, keyframes_seen=str(seen["keyframes"]), slots_seen=str(seen["slots"]))
-
     try:
-        # Counted per retry: a deferred ingest comes back as a new delivery of the same id.
         jobs.check_delivery(self.delivery_key, settings.max_task_deliveries)
-        result = ingest(spec, settings, store, send_slot,
-                        should_stop=lambda: jobs.cancel_requested(job_id), on_probe=on_probe)
-    except _NoRoom:  # waiting for room is not a stall: the reconciler's backstop leaves it be
-        jobs.update(job_id, state="queued", progress_at=str(time.time()))
-        raise self.retry(countdown=settings.ingest_retry_s) from None
+        if chunk == 0:
+            stage2 = settings.vlm_url is not None
+            job_plan = plan(spec, settings)
+            jobs.update(job_id, plan=json.dumps(asdict(job_plan)), stage2=str(stage2).lower(),
+                        frame_size=json.dumps([job_plan.width, job_plan.height]))
+            footprint = job_plan.footprint(spec, settings, stage2)
+            if settings.frame_budget_bytes and not store.admit(
+                    job_id, footprint, settings.frame_budget_bytes, priority=spec.priority,
+                    submitted_at=spec.submitted_at):
+                jobs.forgive_delivery(self.delivery_key)  # woken later: a new delivery
+                log.info("job %s waits for admission (footprint %d B)", job_id, footprint)
+                return {"job_id": job_id, "waiting": True}
+            jobs.r.hsetnx(f"zroact:job:{job_id}", "ingest_started", str(time.time()))
+            jobs.update(job_id, state="running", footprint=str(footprint))
+            jobs.touch(job_id)  # the wait for admission is not a stall
+        meta = jobs.meta(job_id)
+        job_plan, stage2 = Plan(**json.loads(meta["plan"])), meta.get("stage2") == "true"
+        frame_size = [job_plan.width, job_plan.height]
+        result = ingest_chunk(
+            spec, job_plan, chunk, settings, store, skip=jobs.offered(job_id), stage2=stage2,
+            send_slot=lambda j, kfs: pump(spec, stage2, frame_size,
+                                          offer={"slot": j, "keyframes": kfs}),
+            should_stop=lambda: jobs.cancel_requested(job_id))
     except TRANSIENT_ERRORS:
         raise  # not the video's fault: the task is requeued (app.TransientTask) and resumes
     except InputError as exc:
@@ -116,24 +151,18 @@ def ingest_video(self, spec_data: dict) -> dict:
         fail_job(job_id, exc, input_error=True)
         return {"job_id": job_id, "error": str(exc)}
     except Exception as exc:  # any other failure must still end the job with a report
-        log.exception("job %s: ingest failed", job_id)
+        log.exception("job %s: ingest of chunk %d failed", job_id, chunk)
         fail_job(job_id, exc)
         return {"job_id": job_id, "error": one_line(exc)}
-    finally:
-        if admitted:  # the frames written are now counted as held
-            store.release(job_id)
-    if jobs.cancel_requested(job_id):  # stopped mid-way: frames written after finalize go too
-        resources.frames().delete(job_id)
-    full_slots = sum(1 for s in result.slots if len(s) == spec.slot_size)
-    jobs.update(
-        job_id, video=result.video.model_dump_json(), keyframes=json.dumps(result.keyframes),
-        slots=json.dumps(result.slots), warnings=json.dumps(result.warnings),
-        keyframes_total=str(len(result.keyframes)),
-        slots_total=str(full_slots if stage2 else 0), ingest_s=str(result.seconds),
-    )
-    if jobs.set_groups_total(job_id, len(result.slots)):
-        pipeline.send_finalize(app, job_id)
-    return {"job_id": job_id, "frames": result.video.frames, "keyframes": len(result.keyframes)}
+    if result.stopped:
+        return {"job_id": job_id, "chunk": chunk, "stopped": True}
+    _, end, _ = jobs.chunk_done(job_id, chunk, result.keyframes, result.end_frame)
+    jobs.r.hincrbyfloat(f"zroact:job:{job_id}", "ingest_s", result.seconds)
+    if end >= 0 and jobs.chunks_stored(job_id) >= set(range(end + 1)):
+        finish_ingest(spec, jobs.meta(job_id))
+    else:
+        send_next_chunks(spec, meta)
+    return {"job_id": job_id, "chunk": chunk, "keyframes": result.keyframes}
 
 
 @app.task(name=pipeline.SLOT_READY)
@@ -149,14 +178,14 @@ def slot_ready(header: list[list[dict]], job_id: str, slot: int, keyframes: list
     if failed:
         first = failed[0]
         record_group(job_id, slot, {"error": f"stage 1 failed on frame {first['keyframe']}: "
-                                             f"{first['error']}"})
+                                             f"{first['error']}"}, keyframes)
     elif judge and "abort" not in meta:
         detections = {str(r["keyframe"]): r["detections"] for r in results}
         priority = JobSpec.model_validate_json(meta["spec"]).priority
         pipeline.send_judge(app, job_id, slot, keyframes, detections, priority)
         sent = True
     else:
-        record_group(job_id, slot, {"stage2": False})
+        record_group(job_id, slot, {"stage2": False}, keyframes)
     release_slot(job_id, slot, keyframes, meta)
     return {"slot": slot, "stage2": sent}
 
@@ -185,7 +214,22 @@ def slot_failed(failed_task_id: str, job_id: str, slot: int, keyframes: list[int
         return
     log.warning("job %s slot %d failed: %s", job_id, slot, exc)
     release_slot(job_id, slot, keyframes)
-    record_group(job_id, slot, {"error": f"slot failed: {type(exc).__name__}: {one_line(exc)}"})
+    record_group(job_id, slot, {"error": f"slot failed: {type(exc).__name__}: {one_line(exc)}"},
+                 keyframes)
+
+
+def wake_waiting() -> list[str]:
+    """Start the jobs waiting for admission that now fit, in line order."""
+    budget = get_settings().frame_budget_bytes
+    woken = resources.frames().wake(budget) if budget else []
+    for job_id in woken:
+        try:
+            spec = resources.jobs().spec(job_id)
+        except JobNotFoundError:
+            continue  # expired meanwhile: the reconciler drops its admission
+        pipeline.send_ingest(app, spec.model_dump(mode="json"), 0)
+        log.info("job %s admitted", job_id)
+    return woken
 
 
 @app.task(name=pipeline.FINALIZE)
@@ -197,6 +241,7 @@ def finalize(job_id: str) -> dict:
         return json.loads(existing)
     # Frames first: once the report is saved the job no longer counts in the frame budget.
     resources.frames().delete(job_id)
+    wake_waiting()
     report = build_report(job_id, jobs.meta(job_id), jobs.keyframes(job_id), jobs.groups(job_id))
     if not jobs.save_report(job_id, report.model_dump_json(), report.status):
         return json.loads(jobs.report_json(job_id))  # a concurrent finalize saved first

@@ -34,3 +34,36 @@ def slot_of(keyframe_position: int, slot_size: int) -> int:
 def split_slots(keyframes: list[int], slot_size: int) -> list[list[int]]:
     """Consecutive groups of slot_size keyframes; a trailing partial group is kept (Stage 1 only)."""
     return [keyframes[i : i + slot_size] for i in range(0, len(keyframes), slot_size)]
+
+
+def keyframe_count(n_frames: int, stride: int) -> int:
+    return n_frames // stride
+
+
+def slot_keyframes(slot: int, slot_size: int, stride: int, total: int | None = None) -> list[int]:
+    """Slot ``slot``'s keyframes (frame indices); ``total`` keyframes cut the last slot short."""
+    last = slot_size * (slot + 1) if total is None else min(slot_size * (slot + 1), total)
+    return [(i + 1) * stride - 1 for i in range(slot_size * slot, last)]
+
+
+def job_slots(keyframes_total: int, slot_size: int, stride: int) -> list[list[int]]:
+    """Every slot of a job with ``keyframes_total`` keyframes."""
+    return split_slots(keyframe_indices(keyframes_total * stride, stride), slot_size)
+
+
+def chunk_frames(first_slot: int, slots: int, slot_size: int, stride: int, length: int = 16,
+                 sampling_rate: int = 1) -> tuple[int, int]:
+    """Frames (first, last) to decode for slots ``first_slot`` .. ``first_slot + slots - 1``:
+    the clip history of the first keyframe (clamped at 0) through the last keyframe."""
+    first_key = (slot_size * first_slot + 1) * stride - 1
+    last_key = (slot_size * (first_slot + slots)) * stride - 1
+    return max(0, first_key - (length - 1) * sampling_rate), last_key
+
+
+def slots_using(frame: int, slot_size: int, stride: int, length: int = 16,
+                sampling_rate: int = 1) -> tuple[int, int]:
+    """The slots (lo, hi) whose clips may use ``frame`` (a superset when sampling_rate > 1)."""
+    span = (length - 1) * sampling_rate
+    first = max(0, -(-(frame + 1) // stride) - 1)  # first keyframe at or after the frame
+    last = (frame + span + 1) // stride - 1  # last keyframe whose clip reaches back to it
+    return first // slot_size, max(first, last) // slot_size

@@ -27,6 +27,9 @@ class Probe:
     width: int
     height: int
     declared_frames: int
+    seekable: bool = False
+    """Whether a chunk can start decoding at its first frame (``CAP_PROP_POS_FRAMES``) instead
+    of decoding its way there: files that declare a frame count and accept a seek."""
 
 
 def resolve_video_path(path: str | os.PathLike, media_root: Path | None) -> Path:
@@ -59,6 +62,7 @@ def probe(path: Path, *, max_pixels: int, max_frames: int, max_duration_s: float
         width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
         height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
         declared = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+        seekable = declared > 1 and bool(cap.set(cv2.CAP_PROP_POS_FRAMES, declared // 2))
     finally:
         cap.release()
     if width <= 0 or height <= 0:
@@ -71,7 +75,7 @@ def probe(path: Path, *, max_pixels: int, max_frames: int, max_duration_s: float
         raise VideoLimitError(
             str(path), f"{declared / fps:.1f} s is over MAX_DURATION_S {max_duration_s:g}"
         )
-    return Probe(path, fps if fps > 0 else 30.0, width, height, declared)
+    return Probe(path, fps if fps > 0 else 30.0, width, height, declared, seekable)
 
 
 def decode(path: Path, max_frames: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -90,6 +94,38 @@ def decode(path: Path, max_frames: int) -> Iterator[tuple[int, np.ndarray]]:
                 raise VideoLimitError(str(path), f"more than MAX_FRAMES {max_frames} frames")
             yield index, frame
             index += 1
+    finally:
+        cap.release()
+
+
+def decode_span(path: Path, first: int, last: int, *, seek: bool,
+                max_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (index, BGR frame) for frames ``first`` .. ``last``, stopping early at the end of
+    the video (or the first frame that fails to decode).
+
+    With ``seek``, OpenCV's FFmpeg backend seeks to the keyframe before ``first`` and decodes
+    forward to it, counting frames by their timestamps: frame-exact on files with B-frames
+    (tests/test_chunks.py compares it with a sequential decode). Without, frames before
+    ``first`` are decoded and dropped (``grab``: no colour conversion)."""
+    if first >= max_frames:
+        raise VideoLimitError(str(path), f"more than MAX_FRAMES {max_frames} frames")
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            raise VideoDecodeError(str(path), "OpenCV cannot open it as a video")
+        if first and seek:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, first)
+        else:
+            for _ in range(first):
+                if not cap.grab():
+                    return
+        for index in range(first, last + 1):
+            ok, frame = cap.read()
+            if not ok or frame is None:
+                return
+            if index >= max_frames:
+                raise VideoLimitError(str(path), f"more than MAX_FRAMES {max_frames} frames")
+            yield index, frame
     finally:
         cap.release()
 

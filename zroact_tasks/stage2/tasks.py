@@ -82,5 +82,5 @@ def judge_slot(self, job_id: str, slot: int, keyframes: list[int],
         log.exception("job %s slot %d failed", job_id, slot)
         record["error"] = f"{type(exc).__name__}: {one_line(exc)}"
     record["t1"] = time.time()
-    record_group(job_id, slot, record)
+    record_group(job_id, slot, record, keyframes)
     return {"slot": slot, "error": record.get("error")}
