@@ -11,7 +11,7 @@ frame a clip uses (Stage 1 reads only these) and a full-size JPEG of every keyfr
   b  Stage 1 copy          ``ingest.stage1_copy`` (resize) + ``encode_jpeg`` q95 every stored frame
   b' keyframe JPEG         ``encode_jpeg`` q95 of the full frame                  every keyframe
   c  store writes          ``FrameStore.put_many`` as ``ingest`` itself issues them (both kinds)
-  i  ingest end to end     ``control.ingest.ingest`` (a + b + b' + c, and the bookkeeping)
+  i  ingest end to end     ``control.ingest.ingest_whole`` (a + b + b' + c, and the bookkeeping)
   d  store read            ``FrameStore.get_many`` of one clip's 16 Stage 1 frames (one HMGET)
   e  JPEG decode           ``decode_jpeg`` of a stored Stage 1 frame
   f  clip tensor           ``preprocess_clip`` (frames/s = 16 x clips/s)
@@ -51,7 +51,7 @@ import numpy as np
 import redis
 
 from zroact_tasks.config import Settings
-from zroact_tasks.control.ingest import ingest, stage1_copy
+from zroact_tasks.control.ingest import ingest_whole as ingest, stage1_copy
 from zroact_tasks.local import EmbeddedRedis
 from zroact_tasks.media import clips as clipmath
 from zroact_tasks.media.store import FrameStore

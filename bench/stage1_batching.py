@@ -9,7 +9,7 @@ measurements per batch size B:
 * ``infer``  -- ``detector.infer`` on a ready ``[B, 3, 16, 224, 224]`` tensor;
 * ``stage1`` -- the whole Stage 1 task body, ``detect_keyframes``: one HMGET from a real
   (embedded) Redis frame store, JPEG decode once per unique frame (the Stage 1 copies, stored at
-  ``ZROACT_STAGE1_FRAME_SIZE``), clip tensors, one inference call, postprocess. The store is filled by :func:`zroact_tasks.control.ingest.ingest` itself
+  ``ZROACT_STAGE1_FRAME_SIZE``), clip tensors, one inference call, postprocess. The store is filled by :func:`zroact_tasks.control.ingest.ingest_whole` itself
   from a generated video, so the frames are exactly what a job stores.
 
 Each number is the median of ``--repeat`` timed calls after a warm-up call per batch size
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from zroact_tasks.config import Settings
-from zroact_tasks.control.ingest import ingest
+from zroact_tasks.control.ingest import ingest_whole as ingest
 from zroact_tasks.control.tasks import slot_params
 from zroact_tasks.local import EmbeddedRedis
 from zroact_tasks.media.store import FrameStore

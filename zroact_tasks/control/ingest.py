@@ -19,7 +19,7 @@ from ..config import Settings
 from ..errors import VideoDecodeError, VideoTooShortError
 from ..media import clips, video
 from ..media.store import FrameStore
-from ..models import JobSpec
+from ..models import JobSpec, VideoInfo
 
 FLUSH_EVERY = 32
 """Frames buffered before one pipelined write to the store (bounds a chunk's memory)."""
@@ -180,12 +180,19 @@ class WholeVideo:
     keyframes: list[int]
     slots: list[list[int]]
     warnings: list[str]
+    seconds: float
+
+    @property
+    def video(self) -> VideoInfo:
+        return VideoInfo(frames=self.frames, fps=self.plan.fps, width=self.plan.width,
+                         height=self.plan.height)
 
 
 def ingest_whole(spec: JobSpec, settings: Settings, store: FrameStore,
                  send_slot: SendSlot) -> WholeVideo:
     """Plan and decode every chunk in this process, one after the other (what the chunk tasks
     do across workers, without pacing): for tests and benchmarks."""
+    started = time.perf_counter()
     job_plan = plan(spec, settings)
     chunk, end, slots = 0, None, {}
 
@@ -201,4 +208,5 @@ def ingest_whole(spec: JobSpec, settings: Settings, store: FrameStore,
     warnings = ([f"decoded {frames} of {job_plan.declared_frames} frames"]
                 if job_plan.declared_frames and frames < job_plan.declared_frames else [])
     keyframes = clips.keyframe_indices(total * spec.keyframe_stride, spec.keyframe_stride)
-    return WholeVideo(job_plan, frames, keyframes, [slots[j] for j in sorted(slots)], warnings)
+    return WholeVideo(job_plan, frames, keyframes, [slots[j] for j in sorted(slots)], warnings,
+                      time.perf_counter() - started)

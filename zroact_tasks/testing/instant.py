@@ -1,0 +1,28 @@
+"""An instant Stage 1 detector (benchmarks of ingest): a fixed output of the model's shape.
+
+``ZROACT_DETECTOR=zroact_tasks.testing.instant:InstantDetector`` with
+``ZROACT_DETECTOR_OPTIONS='{"size": 224, "classes": 3, "anchors": 1029}'``. Clips are still read
+from the frame store and preprocessed by the real Stage 1 task; only inference is skipped, so
+what limits a run is ingest, not the model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from zroact_tasks.config import Settings
+
+
+class InstantDetector:
+    def __init__(self, settings: Settings, *, size: int = 224, classes: int = 3,
+                 anchors: int = 1029) -> None:
+        self.input_height = self.input_width = size
+        self.clip_length = settings.clip_length
+        self.num_classes = classes
+        self.max_batch = None
+        self.labels = None
+        self.providers = ["none"]
+        self._one = np.zeros((1, 4 + classes, anchors), np.float32)  # every score 0: no boxes
+
+    def infer(self, clips: np.ndarray) -> np.ndarray:
+        return np.repeat(self._one, clips.shape[0], axis=0)
