@@ -44,8 +44,8 @@ def scenario(window: int, *, long_video: Path | None, short: Path, model: Path, 
         try:
             cluster.wait_ready(client.app)
             first = client.submit(long_video) if long_video else None
-            if first is not None:  # the long job is fully ingested: all its slots are offered
-                while "keyframes_total" not in client.jobs.meta(first.id):
+            if first is not None:  # the long job is under way: its window is in the queues
+                while first.status().stage1_done < 10:
                     time.sleep(0.05)
             start = time.time()
             report = client.submit(short).wait(timeout=3600)

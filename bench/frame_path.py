@@ -187,7 +187,6 @@ class TimingStore(FrameStore):
 def _ingest(store: TimingStore, video: Path, job_id: str, settings: Settings) -> dict:
     """Run the real ingest; its store-write rates, end-to-end rates and what it stored."""
     store.timer = Timer()
-    store.delete(job_id)
     cpu = time.process_time()
     result = ingest(job_spec(job_id, video, settings), settings, store, lambda slot, kfs: None)
     cpu = time.process_time() - cpu

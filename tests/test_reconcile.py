@@ -48,40 +48,75 @@ def store_db(redis_server):
 def test_frames_stored_twice_are_counted_once_and_none_after_the_job_ended(store_db):
     url, jobs, frames = store_db
     r = redis.Redis.from_url(url)
-    jobs.create(_spec(), 60)
+    jobs.create(_spec(), 60, 60)
     assert frames.put_many("j1", {0: b"abcd", 1: b"ef"}) == 6
-    assert frames.put_many("j1", {0: b"abcd", 1: b"ef", 2: b"g"}) == 1  # a re-run ingest
+    assert frames.put_many("j1", {0: b"abcd", 1: b"ef", 2: b"g"}) == 1  # a re-run chunk
     assert frames.used_bytes() == 7 and frames.held_bytes("j1") == 7
-    jobs.close_barrier("j1")
-    assert frames.put_many("j1", {3: b"late"}) == -1  # the job ended: nothing stored
-    assert not r.hexists("zroact:job:j1:frames", "3") and frames.used_bytes() == 7
-    frames.delete("j1")
-    assert frames.used_bytes() == 0
+    frames.delete("j1")  # the job ended (finalize)
+    assert frames.put_many("j1", {3: b"late"}) == -1  # a chunk still decoding stores nothing
+    assert not r.exists("zroact:job:j1:frames") and frames.used_bytes() == 0
 
 
-def test_budget_recount_drops_stale_reservations_and_drift(store_db):
+def test_frames_are_freed_once_every_slot_that_reads_them_ended(store_db):
+    _, jobs, frames = store_db
+    jobs.create(_spec(), 60, 60)
+    frames.put_many("j1", {5: b"aa", 6: b"bbb"}, "stage1")
+    frames.put_many("j1", {9: b"cccc"})
+    shared = {5: (0, 1), 6: (0, 0)}  # frame 5 is read by slots 0 and 1, frame 6 by slot 0
+    assert frames.free("j1", ended_slot=0, stage1=shared) == 3  # frame 6 only
+    assert frames.free("j1", ended_slot=0, stage1=shared) == 0  # a second release: nothing
+    assert frames.free("j1", ended_slot=1, stage1={5: (0, 1)}) == 2
+    assert frames.free("j1", full=[9]) == 4
+    assert frames.used_bytes() == 0 == frames.held_bytes("j1")
+
+
+def test_budget_recount_drops_stale_admissions_and_drift(store_db):
     url, jobs, frames = store_db
     r = redis.Redis.from_url(url)
-    jobs.create(_spec("live"), 60)
+    jobs.create(_spec("live"), 60, 60)
     frames.put_many("live", {0: b"12345"})
-    assert frames.admit("live", 100, 10**6) and frames.admit("gone", 50, 10**6)
+    assert frames.admit("live", 100, 10**6, priority=5, submitted_at=1.0)
+    assert frames.admit("gone", 50, 10**6, priority=5, submitted_at=2.0)
     r.incrby(USED, 999)  # drift: e.g. a reply lost after an INCRBY that was applied
-    before, now, dropped = frames.reconcile("zroact:deadlines")
+    before, now, dropped = frames.reconcile(jobs.unfinished())
     assert (before, now, dropped) == (1004, 5, 1)
     assert r.hkeys(RESERVED) == [b"live"]
 
 
-def test_a_rerun_ingest_is_not_kept_waiting_by_its_own_frames(store_db):
+def test_admission_goes_in_line_and_a_job_counts_what_it_really_holds(store_db):
     _, jobs, frames = store_db
-    jobs.create(_spec(), 60)
-    frames.put_many("j1", {0: b"x" * 80})
-    assert frames.admit("j1", 100, budget=120)  # 80 held are its own, within its estimate
-    assert not frames.admit("other", 100, budget=120)
+    assert frames.admit("a", 100, 250, priority=5, submitted_at=1.0)
+    assert frames.admit("a", 100, 250, priority=5, submitted_at=1.0)  # a redelivered chunk 0
+    frames.put_many("a", {0: b"x" * 180})  # holds more than its footprint: 180 counts
+    assert not frames.admit("late", 100, 250, priority=9, submitted_at=2.0)
+    assert not frames.admit("urgent", 100, 250, priority=0, submitted_at=3.0)
+    assert frames.waiting() == ["urgent", "late"]  # priority first, then submission
+    assert frames.wake(250) == []  # still no room
+    frames.free("a", full=[0])
+    assert frames.wake(250) == ["urgent"]  # 100 + 100 fit, a third would not
+    frames.delete("a")
+    assert frames.wake(250) == ["late"] and frames.waiting() == []
+
+
+def test_chunks_are_sent_once_each_within_the_lead(store_db):
+    _, jobs, _ = store_db
+    jobs.create(_spec(), 60, 60)
+    assert jobs.next_chunks("j1", 4, 2) == [1]  # chunk 0 is in flight (sent by submit)
+    assert jobs.next_chunks("j1", 4, 2) == []  # two in flight: the lead is full
+    assert jobs.chunk_done("j1", 0, 12, None) == (1, -1, 2)
+    for slot in range(4):
+        jobs.pump_slots("j1", 4, offer={"slot": slot, "keyframes": [slot]})
+    assert jobs.next_chunks("j1", 4, 2) == []  # 1 chunk decoding + 4 slots queued
+    jobs.pump_slots("j1", 4, release={"slot": 0, "keyframes": [0]})
+    assert jobs.next_chunks("j1", 4, 2) == [2]
+    assert jobs.chunk_done("j1", 2, 3, 245) == (2, 2, 3)  # chunk 2 found the end
+    assert jobs.chunk_done("j1", 1, 12, None) == (3, 2, 3)
+    assert jobs.next_chunks("j1", 4, 2) == []  # nothing past the end
 
 
 def test_a_slot_offered_twice_enters_the_window_once(store_db):
     _, jobs, _ = store_db
-    jobs.create(_spec(), 60)
+    jobs.create(_spec(), 60, 60)
     item = {"slot": 0, "keyframes": [9, 19, 29]}
     assert jobs.pump_slots("j1", 1, offer=item) == [item]
     assert jobs.pump_slots("j1", 1, offer=item) == []  # the same slot from a second ingest
@@ -91,7 +126,7 @@ def test_a_slot_offered_twice_enters_the_window_once(store_db):
 
 def test_a_verdict_replaces_an_error_but_not_the_reverse(store_db):
     _, jobs, _ = store_db
-    jobs.create(_spec(), 60)
+    jobs.create(_spec(), 60, 60)
     jobs.update("j1", groups_total=2)
     assert jobs.record_group("j1", 0, {"error": "slot failed: something"}) == 1
     assert jobs.record_group("j1", 0, {"stage2": True, "verdict": {"action": "a"}}) == 1
@@ -105,7 +140,7 @@ def test_a_verdict_replaces_an_error_but_not_the_reverse(store_db):
 
 def test_a_report_saved_twice_counts_the_job_once(store_db):
     url, jobs, _ = store_db
-    jobs.create(_spec(), 60)
+    jobs.create(_spec(), 60, 60)
     assert jobs.save_report("j1", '{"first": 1}', "succeeded")
     assert not jobs.save_report("j1", '{"second": 2}', "failed")
     assert jobs.report_json("j1") == '{"first": 1}'

@@ -135,6 +135,21 @@ return {redis.call('SCARD', KEYS[2]), tonumber(redis.call('HGET', KEYS[1], 'chun
         tonumber(redis.call('HGET', KEYS[1], 'chunk_next') or '1')}
 """
 
+# Record Stage 1 results: an error never replaces a result (a duplicate run of a clip whose
+# frames were already freed fails; the first run's detections stand).
+_RECORD_KEYFRAMES = """
+for i = 3, #ARGV, 3 do
+  if ARGV[i + 2] == '1' then
+    redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
+  else
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], 'progress_at', ARGV[2])
+return 1
+"""
+
 # Save the report once: a second finalize (redelivered, or re-sent by the reconciler) must not
 # count the job's end twice.
 _SAVE_REPORT = """
@@ -171,10 +186,12 @@ class JobStore:
         self._save = self.r.register_script(_SAVE_REPORT)
         self._next_chunks = self.r.register_script(_NEXT_CHUNKS)
         self._chunk_done = self.r.register_script(_CHUNK_DONE)
+        self._record_kf = self.r.register_script(_RECORD_KEYFRAMES)
 
     # --- job meta -------------------------------------------------------------------------
-    def create(self, spec: JobSpec, deadline_s: float, stall_s: float) -> None:
-        """Record a new job; ``deadline_s`` 0 = no absolute limit (``stall_s`` still applies)."""
+    def create(self, spec: JobSpec, deadline_s: float, stall_s: float = 0.0) -> None:
+        """Record a new job; 0 = no limit, for ``deadline_s`` (absolute, from submission) and
+        ``stall_s`` (without progress)."""
         key = _key(spec.job_id)
         pipe = self.r.pipeline()
         pipe.hset(key, mapping={"spec": spec.model_dump_json(), "state": "queued",
@@ -303,13 +320,17 @@ class JobStore:
 
     # --- Stage 1 ------------------------------------------------------------------------
     def record_keyframes(self, job_id: str, results: list[dict]) -> None:
-        """Store Stage 1 results (each with a ``keyframe`` field); rewriting one is harmless."""
-        key = _key(job_id, "kf")
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hset(key, mapping={str(r["keyframe"]): json.dumps(r) for r in results})
-        pipe.expire(key, self.ttl_s)
-        pipe.hset(_key(job_id), "progress_at", time.time())
-        pipe.execute()
+        """Store Stage 1 results (each with a ``keyframe`` field): a result replaces anything,
+        an error replaces nothing (``_RECORD_KEYFRAMES``)."""
+        args: list = [self.ttl_s, time.time()]
+        for r in results:
+            args += [str(r["keyframe"]), json.dumps(r), "1" if r.get("error") else "0"]
+        self._record_kf(keys=[_key(job_id, "kf"), _key(job_id)], args=args)
+
+    def keyframe_records(self, job_id: str, keyframes: list[int]) -> dict[int, dict]:
+        """The recorded Stage 1 results of these keyframes (absent ones left out)."""
+        values = self.r.hmget(_key(job_id, "kf"), [str(k) for k in keyframes])
+        return {k: json.loads(v) for k, v in zip(keyframes, values) if v is not None}
 
     def keyframes(self, job_id: str) -> dict[int, dict]:
         return {int(k): json.loads(v) for k, v in self.r.hgetall(_key(job_id, "kf")).items()}

@@ -83,6 +83,8 @@ def release_slot(job_id: str, slot: int, keyframes: list[int], meta: dict | None
 def send_next_chunks(spec: JobSpec, meta: dict | None = None) -> list[int]:
     jobs = resources.jobs()
     meta = meta if meta is not None else jobs.meta(spec.job_id)
+    if "plan" not in meta:
+        return []  # chunk 0 has not planned the job yet: it sends the next chunks itself
     per = Plan(**json.loads(meta["plan"])).chunk_slots
     chunks = jobs.next_chunks(spec.job_id, per, get_settings().ingest_lead_chunks)
     for chunk in chunks:
@@ -165,14 +167,26 @@ def ingest_video(self, spec_data: dict, chunk: int = 0) -> dict:
     return {"job_id": job_id, "chunk": chunk, "keyframes": result.keyframes}
 
 
-@app.task(name=pipeline.SLOT_READY)
+def forget_results(task_ids: list[str]) -> None:
+    """Delete stored task results once read: a long job would otherwise keep one per clip for
+    the whole result TTL (what it keeps is in its own records)."""
+    if task_ids:
+        app.backend.client.delete(*[app.backend.get_key_for_task(t) for t in task_ids])
+
+
+# Bookkeeping steps store no result: nothing reads one (``finalize``'s is what clients wait on).
+@app.task(name=pipeline.SLOT_READY, ignore_result=True)
 def slot_ready(header: list[list[dict]], job_id: str, slot: int, keyframes: list[int],
                judge: bool) -> dict:
     """Chord body: a slot's Stage 1 is done; enqueue its Stage 2 request (or close the slot),
     then let the job's next slot into the window. Stage 2 goes first: it is the latency users
     wait on, and the window still holds other slots for Stage 1."""
-    meta = resources.jobs().meta(job_id)  # one read: spec, abort flag, Stage 2 switch, frame size
-    results = [r for batch in header for r in batch]
+    jobs = resources.jobs()
+    meta = jobs.meta(job_id)  # one read: spec, abort flag, Stage 2 switch, frame size
+    # What is recorded wins over this chord's own results: a duplicate run of the slot (its
+    # frames already freed) returns errors where the first run recorded detections.
+    recorded = jobs.keyframe_records(job_id, keyframes)
+    results = [recorded.get(r["keyframe"], r) for batch in header for r in batch]
     failed = [r for r in results if r.get("error")]
     sent = False
     if failed:
@@ -187,6 +201,7 @@ def slot_ready(header: list[list[dict]], job_id: str, slot: int, keyframes: list
     else:
         record_group(job_id, slot, {"stage2": False}, keyframes)
     release_slot(job_id, slot, keyframes, meta)
+    forget_results([pipeline.detect_id(job_id, batch[0]["keyframe"]) for batch in header if batch])
     return {"slot": slot, "stage2": sent}
 
 
@@ -196,7 +211,7 @@ def failure_of(task_id: str) -> BaseException | None:
     return result.result if result.state == "FAILURE" else None
 
 
-@app.task(name=pipeline.SLOT_FAILED)
+@app.task(name=pipeline.SLOT_FAILED, ignore_result=True)
 def slot_failed(failed_task_id: str, job_id: str, slot: int, keyframes: list[int]) -> None:
     """Error callback of a slot's chord: record why, so the job still reaches its report.
 

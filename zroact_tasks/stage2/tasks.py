@@ -46,7 +46,7 @@ def _fit(jpeg: bytes, max_side: int | None, quality: int) -> bytes:
     return encode_jpeg(cv2.resize(frame, size, interpolation=cv2.INTER_AREA), quality)
 
 
-@app.task(name=pipeline.JUDGE, bind=True)
+@app.task(name=pipeline.JUDGE, bind=True, ignore_result=True)  # the verdict is in the job's record
 def judge_slot(self, job_id: str, slot: int, keyframes: list[int],
                detections: dict[str, list]) -> dict:
     """Ask the VLM about one slot of keyframes and record its verdict or its error."""
