@@ -218,6 +218,34 @@ def test_a_job_whose_ingest_message_was_lost_is_repaired(quick_repair_cluster, a
     assert int(r.hget(RESENDS, "ingest") or 0) >= 1
 
 
+def test_lost_ingest_chunks_are_sent_again_and_decoded_into_the_report_once(
+        quick_repair_cluster, standin, assets, tmp_path):
+    """Chunks of a one-minute video handed out by the pacing but never sent (as if their
+    messages were lost): the reconciler re-sends them; every keyframe and slot is in the report
+    once, each slot asked of the VLM once."""
+    from zroact_tasks.testing.sample_media import make_video
+
+    url, _, client = quick_repair_cluster
+    r = redis.Redis.from_url(url, decode_responses=True)
+    first = len(standin.requests)
+    job = client.submit(make_video(tmp_path / "minute.mp4", frames=1800, fps=30))
+    stolen: list[int] = []
+    deadline = time.monotonic() + 60
+    while len(stolen) < 2 and "chunks_end" not in client.jobs.meta(job.id):
+        assert time.monotonic() < deadline, "no chunk to take"
+        stolen += client.jobs.next_chunks(job.id, 4, 2)  # taken from the job, never sent
+        time.sleep(0.01)
+    report = job.wait(timeout=180)
+    assert stolen and report.status == "succeeded", (stolen, report.status, report.error)
+    assert [k.index for k in report.keyframes] == [10 * i + 9 for i in range(180)]
+    assert [s.slot for s in report.slots] == list(range(60))
+    assert all(s.verdict is not None for s in report.slots)
+    counts = _requests_by_first_frame(standin, first)
+    assert sorted(counts) == [s.keyframes[0] for s in report.slots]
+    assert set(counts.values()) == {1}, counts  # no slot of a re-sent chunk judged twice
+    assert int(r.hget(RESENDS, "ingest") or 0) >= len(stolen)
+
+
 def test_a_job_whose_stage2_messages_were_lost_is_repaired(quick_repair_cluster, standin, assets):
     url, cluster, client = quick_repair_cluster
     stage2 = [w for w in cluster.workers if w.role == "stage2"][0]
