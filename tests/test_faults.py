@@ -167,6 +167,30 @@ def test_redis_restarted_mid_job_with_aof(standin, assets, tmp_path):
         server.stop()
 
 
+def test_a_worker_whose_consumer_stopped_restarts_itself(redis_server, standin, assets, tmp_path):
+    """After a Redis restart a Celery worker can stay up, connected and idle while its queue
+    fills (celery#9054; seen here about once in twenty restarts under load). Made so on purpose
+    (``cancel_consumer``): the worker sees its queue waiting, shuts down, its supervisor starts
+    it again and the job completes."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/5"
+    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url,
+           "ZROACT_CONSUMER_STALL_S": "3", "ZROACT_WORKER_LOST_S": "6"}  # checked every 1 s
+    cluster, client = start_cluster(url, env, tmp_path)
+    try:
+        stage1 = [w for w in cluster.workers if w.role == "stage1"][0]
+        replies = client.app.control.cancel_consumer("stage1", destination=[stage1.name],
+                                                     reply=True, timeout=5)
+        assert replies, "the stage1 worker did not answer cancel_consumer"
+        job = client.submit(assets["short_video"])
+        report = job.wait(timeout=90)
+        assert report.status == "succeeded", report.model_dump(mode="json")
+        assert stage1.restarts == 1
+        assert "took no task for 3 s while its queues held some" in stage1.log_path.read_text()
+    finally:
+        cluster.stop()
+        client.close()
+
+
 class DownVLM:
     """A VLM that is down, on a port that records each try: every connection is accepted and
     reset at once (SO_LINGER 0), so the client fails as at a refused connection, and the

@@ -24,6 +24,15 @@ from .conftest import start_cluster
 from .helpers import validate_report
 
 
+def test_task_ids_are_read_from_queued_and_unacked_messages():
+    from zroact_tasks.control.reconcile import _task_id
+
+    message = {"headers": {"id": "j1:s1:9"}, "body": "..."}
+    assert _task_id(json.dumps(message)) == "j1:s1:9"  # a queue's list holds the message
+    assert _task_id(json.dumps([message, "stage1", "stage1"])) == "j1:s1:9"  # ``unacked``
+    assert _task_id(b"not json") is None and _task_id(json.dumps([])) is None
+
+
 def _db(redis_server, n: int) -> str:
     url = redis_server.url.rsplit("/", 1)[0] + f"/{n}"
     redis.Redis.from_url(url).flushdb()

@@ -140,6 +140,10 @@ class Settings(BaseSettings):
     worker held)."""
     worker_lost_s: float = Field(30.0, gt=0)
     """A worker whose heartbeat is this old is lost; the tasks it held go back to their queue."""
+    consumer_stall_s: float = Field(20.0, gt=0)
+    """A worker with a free pool slot that took no task for this long while its queues held
+    ready ones has a stopped consumer (a Celery/kombu bug after a Redis restart): it shuts down
+    to be restarted (liveness.py). Checked every ``WORKER_LOST_S / 6``."""
     reconcile_interval_s: float = Field(2.0, gt=0)
     """How often control workers look for lost workers and stranded jobs."""
     ingest_time_limit_s: float = Field(120.0, gt=0)

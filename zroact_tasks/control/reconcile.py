@@ -41,9 +41,13 @@ log = logging.getLogger(__name__)
 
 
 def _task_id(raw: bytes | str) -> str | None:
+    """The task id of a queued message, or of an unacked one ([message, exchange, key])."""
     try:
-        return json.loads(raw)["headers"]["id"]
-    except (ValueError, KeyError, TypeError):
+        message = json.loads(raw)
+        if isinstance(message, list):
+            message = message[0]
+        return message["headers"]["id"]
+    except (ValueError, KeyError, TypeError, IndexError):
         return None
 
 
@@ -107,8 +111,7 @@ class Reconciler:
             pipe.hvals(channel.unacked_key)
             found = pipe.execute()
         ids = {_task_id(m) for messages in found[:-1] for m in messages}
-        for held in found[-1]:  # [message, exchange, routing key]
-            ids.add(_task_id(json.dumps(json.loads(held)[0])))
+        ids.update(_task_id(held) for held in found[-1])
         ids.discard(None)
         return ids
 
