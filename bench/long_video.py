@@ -78,16 +78,18 @@ def run_job(video: Path, model: Path, tmp: Path, *, controls: int = 1,
                     peak[0] = max(peak[0], int(held(keys=[frames_key(job.id)])))
 
             # The peak watcher's Lua sum blocks Redis every 20 ms: only where the peak is measured.
-            watcher = threading.Thread(target=watch if watch_peak else stop.wait, daemon=True)
-            watcher.start()
+            watcher = threading.Thread(target=watch, daemon=True)
+            if watch_peak:
+                watcher.start()
             report = job.wait(timeout=3 * 3600)
             seconds = time.time() - start
             stop.set()
-            watcher.join(5)
+            if watch_peak:
+                watcher.join(5)
             meta = client.jobs.meta(job.id)
             return {"status": report.status, "frames": report.video.frames,
                     "keyframes": len(report.keyframes), "seconds": seconds,
-                    "peak_frame_bytes": peak[0], "ingest_s": float(meta.get("ingest_s", 0)),
+                    "peak_frame_bytes": peak[0] if watch_peak else None, "ingest_s": float(meta.get("ingest_s", 0)),
                     "chunks": int(meta.get("chunk_next", 1)),
                     "kept_bytes_per_keyframe": _kept_bytes(r, job.id) / max(1, len(report.keyframes))}
         finally:
@@ -168,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     if out["lengths"]:
         print("\n| video (10 fps, 96x72) | keyframes | peak frame bytes | × 1-min peak | kept B/keyframe |")
         print("|---|---|---|---|---|")
-    first = out["lengths"][0]["peak_frame_bytes"] or 1 if out["lengths"] else 1
-    for row in out["lengths"]:
-        print(f"| {row['minutes']:g} min | {row['keyframes']} | {row['peak_frame_bytes']:,} | "
-              f"{row['peak_frame_bytes'] / first:.2f} | {row['kept_bytes_per_keyframe']:.0f} |")
+        first = out["lengths"][0]["peak_frame_bytes"] or 1
+        for row in out["lengths"]:
+            print(f"| {row['minutes']:g} min | {row['keyframes']} | {row['peak_frame_bytes']:,} | "
+                  f"{row['peak_frame_bytes'] / first:.2f} | {row['kept_bytes_per_keyframe']:.0f} |")
     print("\n| control workers | frames | seconds | frames/s | × one worker |")
     print("|---|---|---|---|---|")
     one = out["ingest"][0]["frames_per_s"]
