@@ -126,7 +126,7 @@ def time_steps(minutes: float) -> list[dict]:
                        sampling_rate=1, clip_length=16, slot_size=3, score_threshold=0.3,
                        nms_iou=0.5, max_detections=300, submitted_at=time.time())
         store = FrameStore(redis.Redis.from_url(server.url), ttl_s=3600)
-        job_plan = plan(spec, settings)
+        job_plan = plan(spec, settings, (224, 224))
         per_chunk = job_plan.chunk_slots * spec.slot_size * spec.keyframe_stride
         last = job_plan.declared_frames // per_chunk - 1
         for where, chunk in (("start", 0), ("middle", last // 2), ("end", last)):
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         model = make_yowo_model(tmp / "model.onnx", num_classes=3, size=224, batch=None)
-        small = {"ZROACT_STAGE1_FRAME_SIZE": "0"}
+        small = {"ZROACT_DETECTOR_OPTIONS": '{"size": [96, 72]}'}  # frames stored at 96x72
         for minutes in args.minutes:
             video = make_video(tmp / f"{minutes:g}min.mp4", frames=int(minutes * 600), fps=10,
                                width=96, height=72, side=16)

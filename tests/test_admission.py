@@ -43,7 +43,7 @@ def test_twenty_jobs_are_admitted_by_priority_then_submission(redis_server, stan
     r.flushdb()
     long = make_video(tmp_path / "long.mp4", frames=1800, fps=30)
     mjpeg = [raw_mjpeg(tmp_path / f"raw{i}.mjpeg") for i in range(4)]
-    sample = plan(spec_for(assets["video"]), Settings()).footprint(spec_for(assets["video"]),
+    sample = plan(spec_for(assets["video"]), Settings(), (224, 224)).footprint(spec_for(assets["video"]),
                                                                    Settings(), True)
     budget = int(2.5 * sample)
     env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url,

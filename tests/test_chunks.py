@@ -112,7 +112,7 @@ def test_a_file_without_a_frame_count_is_decoded_without_seeking(tmp_path, redis
     frames = [make_frame(i) for i in range(95)]
     path.write_bytes(b"".join(video.encode_jpeg(f, 90) for f in frames))
     settings = Settings(ingest_chunk_slots=1)
-    assert plan(spec_for(path), settings).seekable is False
+    assert plan(spec_for(path), settings, (224, 224)).seekable is False
     got = list(video.decode_span(path, 40, 50, seek=False, max_frames=10**6))
     assert [i for i, _ in got] == list(range(40, 51))
     store = FrameStore(redis.Redis.from_url(redis_server.url), ttl_s=600)
@@ -187,7 +187,7 @@ def test_frames_held_do_not_grow_with_the_video(redis_server, standin, assets, t
                       side=16)
     url = redis_server.url.rsplit("/", 1)[0] + "/9"
     env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url,
-           "ZROACT_STAGE1_FRAME_SIZE": "0",
+           "ZROACT_DETECTOR_OPTIONS": '{"size": [96, 72]}',  # frames stored at 96x72
            "ZROACT_DETECTOR": "zroact_tasks.testing.instant:InstantDetector"}
     report2, peak2 = run_long(url, env, tmp_path / "a", short, 2 * 1024**3)
     report20, peak20 = run_long(url, env, tmp_path / "b", long, int(1.5 * peak2))
@@ -195,7 +195,7 @@ def test_frames_held_do_not_grow_with_the_video(redis_server, standin, assets, t
         assert report.status == "succeeded", (report.status, report.error)
         assert len(report.keyframes) == keyframes and all(s.verdict for s in report.slots)
     assert 0 < peak20 <= 1.2 * peak2, (peak2, peak20)
-    sizes = plan(spec_for(long), Settings(stage1_frame_size=0))  # bytes of one stored frame
+    sizes = plan(spec_for(long), Settings(), (96, 72))  # bytes of one stored frame
     whole = 12_000 * sizes.stage1_bytes + 1_200 * sizes.full_bytes  # if nothing were freed
     assert peak20 < whole / 10, (peak20, whole)
     print(f"peak frame bytes: 2 min {peak2} B, 20 min {peak20} B ({peak20 / peak2:.2f}x)")

@@ -57,8 +57,9 @@ def handles_errors(func):
     return wrapper
 
 
-def check_model_isolated(settings: Settings) -> str:
-    """Load the model in a spawned process: the caller (a worker parent) must never hold a session."""
+def check_model_isolated(settings: Settings):
+    """Load the model in a spawned process: the caller (a worker parent) must never hold a
+    session. Its description and its ``registry.ModelInfo``."""
     from .stage1.detector import check_model
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -132,7 +133,7 @@ def run(video: Path, model: Path | None, labels: Path | None, vlm_url: str | Non
     path = resolve_video_path(video, settings.media_root)
     probe(path, max_pixels=settings.max_pixels, max_frames=settings.max_frames,
           max_duration_s=settings.max_duration_s)
-    click.echo(f"stage 1 model: {check_model_isolated(settings)}", err=True)
+    click.echo(f"stage 1 model: {check_model_isolated(settings)[0]}", err=True)
     env = {f"ZROACT_{k.upper()}": str(v) for k, v in
            {"model": settings.model, "labels": settings.labels, "vlm_url": settings.vlm_url,
             "vlm_model": settings.vlm_model}.items() if v is not None}
@@ -267,7 +268,17 @@ def worker(role: str, concurrency: int | None, name: str | None, loglevel: str) 
     """Start a Celery worker with this role's queue, pool and concurrency."""
     settings = _settings(preload_detector=role == "stage1")
     if role == "stage1":
-        click.echo(f"stage 1 model: {check_model_isolated(settings)}", err=True)
+        text, info = check_model_isolated(settings)
+        click.echo(f"stage 1 model: {text}", err=True)
+        from .redisconn import TRANSIENT_ERRORS, connect
+        from .stage1 import registry
+
+        try:
+            registry.check_joins(connect(settings.redis_url), info)  # one model per queue
+        except TRANSIENT_ERRORS as exc:  # the worker waits for Redis; the next start checks
+            click.echo(f"warning: the model could not be checked against the queue's: {exc}",
+                       err=True)
+        registry.serving = info  # published by the heartbeat (liveness.py)
     if role == "stage2":
         concurrency = stage2_concurrency(settings, concurrency)
     use_settings(settings)  # before the app is imported: celeryconfig reads it

@@ -75,9 +75,6 @@ class Settings(BaseSettings):
     from filling the queue ahead of jobs submitted after it: work interleaves across jobs."""
     default_priority: int = Field(5, ge=0, le=9)
     """Priority of jobs submitted without one (0 = most urgent)."""
-    stage1_frame_size: int = Field(224, ge=0)
-    """Ingest stores Stage 1's frames resized to this square (the model's input: YOWOv3 224), so
-    Stage 1 never decodes full-resolution frames; 0 = store them at the original size."""
     frames_url: str | None = None
     """A second Redis for the frame store alone, so frames and the queue scale apart; None =
     ``REDIS_URL`` holds them too."""

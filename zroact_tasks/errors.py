@@ -73,6 +73,14 @@ class ModelError(InputError):
     """The ONNX model is missing, not ONNX, or not in the YOWOv3 layout."""
 
 
+class ModelConflictError(ZroactError):
+    """A Stage 1 worker's model differs from the one live workers on its queue serve."""
+
+
+class FrameSizeError(InputError):
+    """Stage 1 frames were stored for a model of another input size than this worker's."""
+
+
 class LabelsError(InputError):
     """The labels file is unreadable or has a different count than the model's classes."""
 

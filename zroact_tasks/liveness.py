@@ -105,6 +105,9 @@ def _beat(hostname: str, lost_after_s: float) -> None:
     while True:
         try:
             _redis().set(worker_key(BOOT_ID), hostname, px=ttl_ms)
+            from .stage1 import registry  # here: registry imports this module
+
+            registry.publish_serving(_redis(), BOOT_ID)  # a Stage 1 worker's model
         except TRANSIENT_ERRORS as exc:  # Redis away: the next beat tries again
             log.warning("heartbeat not written: %s", type(exc).__name__)
         watch = _watch

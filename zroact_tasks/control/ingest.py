@@ -13,13 +13,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import cv2
-
 from ..config import Settings
 from ..errors import VideoDecodeError, VideoTooShortError
 from ..media import clips, video
 from ..media.store import FrameStore
 from ..models import JobSpec, VideoInfo
+from ..stage1.yowo import model_frame
 
 FLUSH_EVERY = 32
 """Frames buffered before one pipelined write to the store (bounds a chunk's memory)."""
@@ -41,6 +40,8 @@ class Plan:
     height: int
     declared_frames: int
     seekable: bool
+    input_size: tuple[int, int]
+    """(width, height) of the Stage 1 model's input: the size Stage 1 frames are stored at."""
     stage1_bytes: int
     """Bytes of one stored Stage 1 frame (the largest of the frames sampled)."""
     full_bytes: int
@@ -90,15 +91,15 @@ class _Buffer:
         self.frames = {"stage1": {}, "full": {}}
 
 
-def stage1_copy(frame, size: int):
-    """The frame as Stage 1 will read it: resized to the model's input, as preprocessing would."""
-    if size <= 0:
-        return frame
-    return cv2.resize(frame, (size, size), interpolation=cv2.INTER_LINEAR)
+def stage1_frame(frame, input_size: tuple[int, int]) -> bytes:
+    """The frame as Stage 1 reads it: resized as YOWOv3 does (``model_frame``), stored lossless
+    so that Stage 1's input is YOWOv3's to the bit (a JPEG copy moves pixels by up to ~100)."""
+    return video.encode_png(model_frame(frame, *input_size))
 
 
-def plan(spec: JobSpec, settings: Settings) -> Plan:
-    """Check the video (InputError subclasses) and measure what its frames cost to store."""
+def plan(spec: JobSpec, settings: Settings, input_size: tuple[int, int]) -> Plan:
+    """Check the video (InputError subclasses) and measure what its frames cost to store;
+    ``input_size`` is the Stage 1 model's (what its workers publish: stage1/registry.py)."""
     path = video.resolve_video_path(spec.video, settings.media_root)
     info = video.probe(path, max_pixels=settings.max_pixels, max_frames=settings.max_frames,
                        max_duration_s=settings.max_duration_s)
@@ -108,12 +109,12 @@ def plan(spec: JobSpec, settings: Settings) -> Plan:
         for _, frame in video.decode_span(path, start, start, seek=info.seekable,
                                           max_frames=settings.max_frames):
             q = settings.frame_jpeg_quality
-            small = max(small, len(video.encode_jpeg(stage1_copy(frame, settings.stage1_frame_size), q)))
+            small = max(small, len(stage1_frame(frame, input_size)))
             full = max(full, len(video.encode_jpeg(frame, q)))
         if not small:
             raise VideoDecodeError(str(spec.video), "no frame could be decoded")
     return Plan(str(path), info.fps, info.width, info.height, info.declared_frames,
-                info.seekable, small, full, settings.ingest_chunk_slots)
+                info.seekable, tuple(input_size), small, full, settings.ingest_chunk_slots)
 
 
 def ingest_chunk(spec: JobSpec, job_plan: Plan, chunk: int, settings: Settings,
@@ -143,8 +144,7 @@ def ingest_chunk(spec: JobSpec, job_plan: Plan, chunk: int, settings: Settings,
             result.stopped = True
             break
         if index in stage1:
-            small = stage1_copy(frame, settings.stage1_frame_size)
-            buffer.add("stage1", index, video.encode_jpeg(small, quality))
+            buffer.add("stage1", index, stage1_frame(frame, job_plan.input_size))
         if stage2 and index in keyframes:
             buffer.add("full", index, video.encode_jpeg(frame, quality))
     buffer.flush()
@@ -189,11 +189,11 @@ class WholeVideo:
 
 
 def ingest_whole(spec: JobSpec, settings: Settings, store: FrameStore,
-                 send_slot: SendSlot) -> WholeVideo:
+                 send_slot: SendSlot, input_size: tuple[int, int] = (224, 224)) -> WholeVideo:
     """Plan and decode every chunk in this process, one after the other (what the chunk tasks
     do across workers, without pacing): for tests and benchmarks."""
     started = time.perf_counter()
-    job_plan = plan(spec, settings)
+    job_plan = plan(spec, settings, input_size)
     chunk, end, slots = 0, None, {}
 
     def send(j: int, kfs: list[int]) -> None:

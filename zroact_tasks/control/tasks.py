@@ -10,15 +10,19 @@ from dataclasses import asdict
 from .. import pipeline, resources
 from ..app import app
 from ..config import get_settings
-from ..errors import InputError, JobNotFoundError
+from ..errors import InputError, JobNotFoundError, ModelError
 from ..media import clips
 from ..models import JobError, JobSpec, VideoInfo
 from ..redisconn import TRANSIENT_ERRORS
+from ..stage1 import registry
 from . import deadlines  # noqa: F401  (connects the deadline sweeper to control workers)
 from .ingest import Plan, ingest_chunk, keyframes_total, plan
 from .report import build_report
 
 log = logging.getLogger(__name__)
+
+MODEL_WAIT_POLL_S = 2.0
+"""How often a job's first ingest step looks again for the Stage 1 model (``registry``)."""
 
 
 def one_line(exc: BaseException | str, limit: int = 300) -> str:
@@ -121,11 +125,20 @@ def ingest_video(self, spec_data: dict, chunk: int = 0) -> dict:
     job_id, store = spec.job_id, resources.frames()
     if jobs.cancel_requested(job_id) or jobs.barrier_closed(job_id):
         return {"job_id": job_id, "skipped": "job already stopped"}
+    model = registry.current(jobs.r) if chunk == 0 else None
+    if chunk == 0 and model is None:
+        # Frames are stored at the model's input size, which only Stage 1 workers know: wait
+        # for the first one to publish it (a new message each time: off the poison count).
+        log.info("job %s waits for a Stage 1 worker to publish its model", job_id)
+        raise self.retry(countdown=MODEL_WAIT_POLL_S, max_retries=None)
     try:
         jobs.check_delivery(self.delivery_key, settings.max_task_deliveries)
         if chunk == 0:
             stage2 = settings.vlm_url is not None
-            job_plan = plan(spec, settings)
+            if model.clip_length != spec.clip_length:
+                raise ModelError(model.name, f"the job asks for {spec.clip_length}-frame clips, "
+                                             f"the Stage 1 model takes {model.clip_length}")
+            job_plan = plan(spec, settings, model.input_size)
             jobs.update(job_id, plan=json.dumps(asdict(job_plan)), stage2=str(stage2).lower(),
                         frame_size=json.dumps([job_plan.width, job_plan.height]))
             footprint = job_plan.footprint(spec, settings, stage2)

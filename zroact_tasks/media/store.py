@@ -1,8 +1,9 @@
 """The frame store: where decoded frames wait between stages.
 
 Frames live in Redis (the cluster's one shared service), so workers on other hosts read them
-without a shared disk. One hash per job, field = frame index, value = JPEG bytes, so a clip's 16
-frames come back in one HMGET round trip. The hash carries a TTL as a backstop; the job's
+without a shared disk. One hash per job, field = frame index, value = the encoded frame (Stage 1's
+copies PNG at the model's input size, Stage 2's keyframes JPEG), so a clip's 16 frames come back
+in one HMGET round trip. The hash carries a TTL as a backstop; the job's
 finalize step deletes it.
 """
 

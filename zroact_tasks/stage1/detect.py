@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import ModelError
+from ..errors import FrameSizeError, ModelError
 from ..media.clips import clip_frames
 from ..media.store import FrameStore
-from ..media.video import decode_jpeg
+from ..media.video import decode_image
 from .detector import Detector
 from .yowo import postprocess, preprocess_clip
 
@@ -30,8 +30,13 @@ def detect_keyframes(detector: Detector, store: FrameStore, job_id: str, keyfram
                                         f"{detector.clip_length}")
     clip_indices = {kf: clip_frames(kf, length, rate) for kf in keyframes}
     needed = sorted({i for idx in clip_indices.values() for i in idx})
-    stored = store.get_many(job_id, needed, kind="stage1")  # already at (or near) model size
-    frames = {i: decode_jpeg(data) for i, data in stored.items()}
+    stored = store.get_many(job_id, needed, kind="stage1")  # PNG, resized at ingest (yowo.model_frame)
+    frames = {i: decode_image(data) for i, data in stored.items()}
+    shape = next(iter(frames.values())).shape
+    if shape[:2] != (detector.input_height, detector.input_width):
+        raise FrameSizeError(job_id, f"frames were stored at {shape[1]}x{shape[0]} for another "
+                                     f"model; this worker's takes {detector.input_width}x"
+                                     f"{detector.input_height} (one model per Stage 1 queue)")
     batch = np.stack([
         preprocess_clip([frames[i] for i in clip_indices[kf]], detector.input_height,
                         detector.input_width)

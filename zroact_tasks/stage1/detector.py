@@ -8,8 +8,11 @@ head ``[B, 4 + C, A]``. ``ZROACT_DETECTOR`` picks the implementation: ``onnx`` (
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -17,6 +20,7 @@ import numpy as np
 
 from ..config import Settings
 from ..errors import LabelsError, ModelError
+from .registry import ModelInfo, files_digest
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,30 @@ def read_labels(path: Path | None, num_classes: int) -> list[str] | None:
     return names
 
 
+# An ONNX tensor stored outside the model file names its file in an ``external_data`` entry
+# (StringStringEntryProto: field 1 key "location", field 2 the file name, relative to the model).
+_LOCATION = re.compile(rb"\n\x08location\x12")
+
+
+def external_data_files(model: Path) -> list[str]:
+    """The external-data files an ONNX model refers to (torch >= 2.9 writes ``<name>.onnx.data``
+    beside the model), read from its protobuf without the ``onnx`` package."""
+    data = model.read_bytes()
+    names = []
+    for match in _LOCATION.finditer(data):
+        pos, length, shift = match.end(), 0, 0
+        while pos < len(data):  # the name's length, a protobuf varint
+            byte = data[pos]
+            length |= (byte & 0x7F) << shift
+            pos, shift = pos + 1, shift + 7
+            if not byte & 0x80:
+                break
+        name = data[pos : pos + length].decode("utf-8", "replace")
+        if name not in names:
+            names.append(name)
+    return names
+
+
 def _static(dim: object) -> int | None:
     return dim if isinstance(dim, int) and dim > 0 else None
 
@@ -63,6 +91,11 @@ class OnnxDetector:
         path = Path(model)
         if not path.is_file():
             raise ModelError(str(model), "no such model file")
+        self.files = [path] + [path.parent / name for name in external_data_files(path)]
+        for data_file in self.files[1:]:
+            if not data_file.is_file():
+                raise ModelError(str(model), f"its weights file {data_file.name} is missing (it "
+                                             f"must be beside the model, in {path.parent})")
         providers = [p for p in GPU_FIRST if p in ort.get_available_providers()]
         try:
             self._session = ort.InferenceSession(str(path), providers=providers)
@@ -74,6 +107,7 @@ class OnnxDetector:
             raise ModelError(str(model), f"the model takes {self.clip_length}-frame clips, "
                                          f"ZROACT_CLIP_LENGTH is {clip_length}")
         self.labels = read_labels(labels, self.num_classes)
+        self.name = path.name
         log.info("stage1 model %s on %s (input %dx%d, %d classes, batch %s)", path.name,
                  self.providers[0], self.input_width, self.input_height, self.num_classes,
                  self.max_batch or "dynamic")
@@ -123,8 +157,26 @@ def load_detector(settings: Settings) -> Detector:
         raise ModelError(settings.detector, f"bad ZROACT_DETECTOR_OPTIONS: {exc}") from exc
 
 
-def check_model(settings: Settings) -> str:
-    """Load the model once and describe it; meant for a throwaway (spawned) process."""
+def model_info(det: Detector, settings: Settings) -> ModelInfo:
+    """What Stage 1 workers publish of their model (stage1/registry.py)."""
+    files = getattr(det, "files", None)
+    if files:
+        name, fingerprint = det.name, files_digest(files)
+    else:  # another runtime: its class and options say which model it serves
+        name = settings.detector
+        fingerprint = getattr(det, "fingerprint", None) or hashlib.sha256(json.dumps(
+            [settings.detector, settings.detector_options], sort_keys=True, default=str
+        ).encode()).hexdigest()
+    return ModelInfo(name=name, width=det.input_width, height=det.input_height,
+                     clip_length=det.clip_length, num_classes=det.num_classes,
+                     fingerprint=fingerprint)
+
+
+def check_model(settings: Settings) -> tuple[str, ModelInfo]:
+    """Load the model once, describe it and say what to publish of it; meant for a throwaway
+    (spawned) process."""
     det = load_detector(settings)
-    return (f"{det.input_width}x{det.input_height}, T={det.clip_length}, {det.num_classes} classes, "
-            f"batch {det.max_batch or 'dynamic'}, providers {getattr(det, 'providers', '?')}")
+    text = (f"{det.input_width}x{det.input_height}, T={det.clip_length}, {det.num_classes} "
+            f"classes, batch {det.max_batch or 'dynamic'}, providers "
+            f"{getattr(det, 'providers', '?')}")
+    return text, model_info(det, settings)

@@ -1,7 +1,9 @@
 """An instant Stage 1 detector (benchmarks of ingest): a fixed output of the model's shape.
 
 ``ZROACT_DETECTOR=zroact_tasks.testing.instant:InstantDetector`` with
-``ZROACT_DETECTOR_OPTIONS='{"size": 224, "classes": 3, "anchors": 1029}'``. Clips are still read
+``ZROACT_DETECTOR_OPTIONS='{"size": 224, "classes": 3, "anchors": 1029}'`` (``size``: a square's
+side or ``[width, height]``: the input size Stage 1 workers publish, so the size frames are
+stored at). Clips are still read
 from the frame store and preprocessed by the real Stage 1 task; only inference is skipped, so
 what limits a run is ingest, not the model.
 """
@@ -14,9 +16,9 @@ from zroact_tasks.config import Settings
 
 
 class InstantDetector:
-    def __init__(self, settings: Settings, *, size: int = 224, classes: int = 3,
+    def __init__(self, settings: Settings, *, size: int | list[int] = 224, classes: int = 3,
                  anchors: int = 1029) -> None:
-        self.input_height = self.input_width = size
+        self.input_width, self.input_height = (size, size) if isinstance(size, int) else size
         self.clip_length = settings.clip_length
         self.num_classes = classes
         self.max_batch = None
