@@ -57,3 +57,63 @@ def test_label_count_must_match_classes(tmp_path):
 def test_clip_length_must_match_the_model(tmp_path):
     with pytest.raises(ModelError, match="the model takes 16-frame clips, ZROACT_CLIP_LENGTH is 8"):
         OnnxDetector(make_yowo_model(tmp_path / "m.onnx"), clip_length=8)
+
+
+def _external(model_path, tmp_path):
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    out = tmp_path / "ext" / "yowov3.onnx"
+    out.parent.mkdir()
+    model = onnx.load(str(model_path))
+    weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    assert weights  # the float weights move out; shape inputs (int64) stay inline, as torch's do
+    for tensor in weights:
+        set_external_data(tensor, location="yowov3.onnx.data")
+    onnx.save_model(model, str(out))  # writes the marked tensors to yowov3.onnx.data
+    return out
+
+
+def test_external_data_model_loads_and_a_missing_data_file_is_named(tmp_path):
+    """torch >= 2.9 exports YOWOv3 as yowov3.onnx + yowov3.onnx.data; copying only the first
+    must say which file is missing, not onnxruntime's path-validation message."""
+    from zroact_tasks.stage1.detector import external_data_files
+
+    model = _external(make_yowo_model(tmp_path / "m.onnx", num_classes=4), tmp_path)
+    assert external_data_files(model) == ["yowov3.onnx.data"]
+    det = OnnxDetector(model)
+    assert det.num_classes == 4 and [p.name for p in det.files] == ["yowov3.onnx", "yowov3.onnx.data"]
+    (model.parent / "yowov3.onnx.data").unlink()
+    with pytest.raises(ModelError, match=r"its weights file yowov3.onnx.data is missing"):
+        OnnxDetector(model)
+
+
+def test_one_model_per_stage1_queue(redis_server, tmp_path):
+    """A worker whose model differs from a live worker's is refused; once that worker's
+    heartbeat is gone it may join, and the queue then serves its model."""
+    import redis
+
+    from zroact_tasks.config import Settings
+    from zroact_tasks.errors import ModelConflictError
+    from zroact_tasks.liveness import worker_key
+    from zroact_tasks.stage1 import registry
+    from zroact_tasks.stage1.detector import model_info
+
+    r = redis.Redis.from_url(redis_server.url)
+    r.delete(registry.MODEL, registry.SERVERS)
+    a = model_info(OnnxDetector(make_yowo_model(tmp_path / "a.onnx", num_classes=3)), Settings())
+    b = model_info(OnnxDetector(make_yowo_model(tmp_path / "b.onnx", num_classes=5,
+                                                size=(160, 224))), Settings())
+    assert (b.width, b.height) == (224, 160) and a.fingerprint != b.fingerprint
+    r.set(worker_key("boot-a"), "stage1@host-a", ex=60)
+    registry.publish(r, a, "boot-a")
+    registry.check_joins(r, a)  # the same model joins
+    with pytest.raises(ModelConflictError, match="serves on the stage1 queue") as err:
+        registry.check_joins(r, b)
+    assert "stage1@host-a" in str(err.value) and "\n" not in str(err.value)
+    assert registry.current(r).input_size == (224, 224)
+    r.delete(worker_key("boot-a"))  # worker a is gone
+    registry.check_joins(r, b)
+    registry.publish(r, b, "boot-b")
+    assert registry.current(r) == b and r.hkeys(registry.SERVERS) == [b"boot-b"]
+    r.delete(registry.MODEL, registry.SERVERS)
