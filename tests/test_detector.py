@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from zroact_tasks.errors import LabelsError, ModelError
-from zroact_tasks.stage1.detector import OnnxDetector
+from zroact_tasks.stage1.detector import OnnxDetector, read_labels
 from zroact_tasks.testing.onnx_models import make_bad_models, make_yowo_model, write_labels
 
 
@@ -117,3 +117,14 @@ def test_one_model_per_stage1_queue(redis_server, tmp_path):
     registry.publish(r, b, "boot-b")
     assert registry.current(r) == b and r.hkeys(registry.SERVERS) == [b"boot-b"]
     r.delete(registry.MODEL, registry.SERVERS)
+
+
+@pytest.mark.parametrize("name,count", [("ucf101-24", 24), ("ava-80", 80), ("ucf-crime-13", 13),
+                                        ("jhmdb-21", 21)])
+def test_shipped_label_lists_fit_models_of_their_class_count(tmp_path, name, count):
+    from zroact_tasks import labels
+
+    names = read_labels(labels.path(name), count)
+    assert len(set(names)) == count
+    with pytest.raises(LabelsError, match=f"{count} labels, but the model has {count + 1}"):
+        read_labels(labels.path(name), count + 1)
