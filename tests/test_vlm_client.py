@@ -87,3 +87,13 @@ def test_connection_refused_is_transient():
     client = make_client(f"http://127.0.0.1:{free_port()}", model="m", retries=1)
     with pytest.raises(VLMUnavailableError, match="unreachable"):
         client.judge([JPEG] * 3, "x")
+
+
+def test_answer_token_bound_covers_the_longest_verdict():
+    from zroact_tasks.models import Verdict
+    from zroact_tasks.stage2.vlm import answer_token_bound
+
+    longest = Verdict(action="é" * 200, confirmed=False, confidence=0.123456789, reason="é" * 1000)
+    # every character two UTF-8 bytes here; the bound allows four, and whitespace on top
+    assert len(longest.model_dump_json().encode()) < answer_token_bound()
+    assert answer_token_bound() >= 4 * 1200  # 256 (the old default) cut 2 of 10 real answers

@@ -35,6 +35,30 @@ def verdict_schema() -> dict[str, Any]:
     return Verdict.model_json_schema()
 
 
+def answer_token_bound(schema: dict[str, Any] | None = None) -> int:
+    """``max_tokens`` that never cuts off an answer the schema allows (default: the verdict's).
+
+    The longest compact JSON the schema admits, counted in UTF-8 bytes (a string of maxLength N:
+    at most 4N bytes; a byte-level BPE token is at least one byte), plus 64 for whitespace the
+    grammar lets the model put between tokens and a number's digits beyond 24."""
+    root = schema or verdict_schema()
+
+    def longest(s: dict[str, Any]) -> int:
+        kind = s.get("type")
+        if kind == "object":
+            props = s.get("properties") or {}
+            return 2 + sum(len(json.dumps(k)) + 1 + longest(v) + 1 for k, v in props.items())
+        if kind == "string":
+            return 2 + 4 * int(s.get("maxLength", 4096))  # unbounded strings: a generous cap
+        if kind == "boolean":
+            return 5
+        if kind in ("number", "integer"):
+            return 24
+        return 16
+
+    return longest(root) + 64
+
+
 def _error_message(response: httpx.Response) -> str:
     """vLLM's error text; it has used ``{"error": {...}}`` and flat ``{"object": "error", ...}``."""
     try:
