@@ -249,7 +249,10 @@ def stage2_concurrency(settings: Settings, flag: int | None) -> int:
         click.echo(f"stage2 concurrency {configured}: VLM capacity unknown ({type(exc).__name__})",
                    err=True)
         return configured
-    tokens = 3 * settings.vlm_tokens_per_image + settings.vlm_max_tokens + 512  # images, reply, text
+    from .stage2.vlm import answer_token_bound  # imported where used, like read_capacity
+
+    reply = settings.vlm_max_tokens or answer_token_bound()
+    tokens = 3 * settings.vlm_tokens_per_image + reply + 512  # images, reply, text
     planned, line = plan_concurrency(
         cap, tokens_per_request=tokens, workers_sharing=settings.stage2_workers_per_vlm,
         configured=configured, override=settings.stage2_concurrency_override,

@@ -111,8 +111,9 @@ class Settings(BaseSettings):
     """Retries of transient VLM errors (connection refused, timeouts, 5xx), exponential backoff."""
     vlm_backoff_max_s: float = Field(8.0, gt=0)
     """Cap of one backoff sleep between VLM retries."""
-    vlm_max_tokens: int = Field(256, ge=16)
-    """``max_tokens`` of a Stage 2 request."""
+    vlm_max_tokens: int | None = Field(None, ge=16)
+    """``max_tokens`` of a Stage 2 request; unset = the longest answer the verdict schema allows
+    (``stage2.vlm.answer_token_bound``, ~4,950), so no allowed answer is cut off."""
 
     max_task_deliveries: int = Field(3, ge=1)
     """A task delivered this many times (its worker died each time) is recorded as failed."""
