@@ -4,16 +4,16 @@
 
 For each frame size a video is generated (OpenCV ``mp4v``) and every step is timed with the
 package's own functions against a real (embedded) Redis, single process, OpenCV's default threads.
-The package's path (``ZROACT_STAGE1_FRAME_SIZE`` = 224): ingest stores a 224x224 copy of every
+The package's path (a model of input 224x224): ingest stores a 224x224 copy of every
 frame a clip uses (Stage 1 reads only these) and a full-size JPEG of every keyframe (Stage 2):
 
   a  video decode          ``media.video.decode``                               every video frame
-  b  Stage 1 copy          ``ingest.stage1_copy`` (resize) + ``encode_jpeg`` q95 every stored frame
+  b  Stage 1 copy          ``ingest.stage1_frame``: Pillow bicubic resize + PNG every stored frame
   b' keyframe JPEG         ``encode_jpeg`` q95 of the full frame                  every keyframe
   c  store writes          ``FrameStore.put_many`` as ``ingest`` itself issues them (both kinds)
   i  ingest end to end     ``control.ingest.ingest_whole`` (a + b + b' + c, and the bookkeeping)
   d  store read            ``FrameStore.get_many`` of one clip's 16 Stage 1 frames (one HMGET)
-  e  JPEG decode           ``decode_jpeg`` of a stored Stage 1 frame
+  e  frame decode          ``decode_image`` of a stored Stage 1 frame (PNG)
   f  clip tensor           ``preprocess_clip`` (frames/s = 16 x clips/s)
   g  Stage 2 JPEGs         ``stage2.vlm.image_part`` (base64) of a slot's 3 stored keyframes
 
@@ -23,10 +23,10 @@ frame a clip uses (Stage 1 reads only these) and a full-size JPEG of every keyfr
 frames/s, before the dedupe of overlapping clips inside one task). a-c run in the ingest process
 and d-f in the Stage 1 process, so "d+e+f" is their combined rate (harmonic sum).
 
-"full size" rows repeat the path with ``ZROACT_STAGE1_FRAME_SIZE=0`` (Stage 1 copies stored at the
-original size, i.e. Stage 1 decodes full-resolution JPEGs, as before the 224 copies), and
-"reduced" an alternative needing no second copy: decoding the full-size JPEG at 1/k scale
-(``cv2.IMREAD_REDUCED_COLOR_k``, libjpeg's DCT scaling; k = the largest of 1, 2, 4, 8 keeping
+"full size" rows repeat the path for a model whose input is the video's own size (Stage 1 copies
+stored lossless at the original size; Stage 1 then resizes for itself, as it would without the
+224 copies), and "reduced" an alternative needing no second copy: decoding the full-size frame at
+1/k scale (``cv2.IMREAD_REDUCED_COLOR_k``: for PNG a full decode, then a resize; k = the largest of 1, 2, 4, 8 keeping
 both sides >= 224) before the clip tensor.
 
 Each rate is frames/s from the median call's wall time (robust to a stall of a busy machine) and,
@@ -51,12 +51,12 @@ import numpy as np
 import redis
 
 from zroact_tasks.config import Settings
-from zroact_tasks.control.ingest import ingest_whole as ingest, stage1_copy
+from zroact_tasks.control.ingest import ingest_whole as ingest, stage1_frame
 from zroact_tasks.local import EmbeddedRedis
 from zroact_tasks.media import clips as clipmath
 from zroact_tasks.media.store import FrameStore
-from zroact_tasks.media.video import decode, decode_jpeg, encode_jpeg
-from zroact_tasks.stage1.yowo import preprocess_clip
+from zroact_tasks.media.video import decode, decode_image, encode_jpeg, encode_png
+from zroact_tasks.stage1.yowo import model_frame, preprocess_clip
 from zroact_tasks.stage2.vlm import image_part
 from zroact_tasks.testing.sample_media import make_video
 
@@ -184,11 +184,14 @@ class TimingStore(FrameStore):
         return added
 
 
-def _ingest(store: TimingStore, video: Path, job_id: str, settings: Settings) -> dict:
-    """Run the real ingest; its store-write rates, end-to-end rates and what it stored."""
+def _ingest(store: TimingStore, video: Path, job_id: str, settings: Settings,
+            input_size: tuple[int, int]) -> dict:
+    """Run the real ingest for a model of ``input_size``; its store-write rates, end-to-end rates
+    and what it stored."""
     store.timer = Timer()
     cpu = time.process_time()
-    result = ingest(job_spec(job_id, video, settings), settings, store, lambda slot, kfs: None)
+    result = ingest(job_spec(job_id, video, settings), settings, store, lambda slot, kfs: None,
+                    input_size)
     cpu = time.process_time() - cpu
     n = result.video.frames
     return {"write": store.timer.rates(), "ingest": (n / result.seconds, n / cpu),
@@ -201,7 +204,7 @@ def measure_size(width: int, height: int, frames: int, tmp: Path, client: redis.
                        side=max(8, min(width, height) // 6))
     quality, stride = settings.frame_jpeg_quality, settings.keyframe_stride
     length, rate_, slot_size = settings.clip_length, settings.sampling_rate, settings.slot_size
-    size = settings.stage1_frame_size or MODEL_SIZE
+    size = MODEL_SIZE
     job, full_job = f"bench-{width}x{height}", f"bench-{width}x{height}-full"
     out: dict = {"size": f"{width}x{height}", "frames": frames, "stage1_frame_size": size}
     cpu: dict[str, float] = {}
@@ -220,8 +223,8 @@ def measure_size(width: int, height: int, frames: int, tmp: Path, client: redis.
     s1_enc, kf_enc, full_enc = Timer(), Timer(), Timer()
     for index, frame in decode(video, 10**9):
         if clipmath.is_needed(index, stride, length, rate_):
-            s1_enc.time(lambda f=frame: encode_jpeg(stage1_copy(f, size), quality))
-            full_enc.time(lambda f=frame: encode_jpeg(f, quality))
+            s1_enc.time(lambda f=frame: stage1_frame(f, (size, size)))
+            full_enc.time(lambda f=frame: encode_png(f))
         if clipmath.is_keyframe(index, stride):
             kf_enc.time(lambda f=frame: encode_jpeg(f, quality))
     put("s1_encode", s1_enc.rates())
@@ -230,8 +233,8 @@ def measure_size(width: int, height: int, frames: int, tmp: Path, client: redis.
 
     # c, i: the real ingest, 224 copies (the package's default) and full-size Stage 1 frames.
     store = TimingStore(client, ttl_s=3600)
-    ours = _ingest(store, video, job, settings.model_copy(update={"stage1_frame_size": size}))
-    theirs = _ingest(store, video, full_job, settings.model_copy(update={"stage1_frame_size": 0}))
+    ours = _ingest(store, video, job, settings, (size, size))
+    theirs = _ingest(store, video, full_job, settings, (width, height))
     put("write", ours["write"])
     put("ingest", ours["ingest"])
     put("full_write", theirs["write"])
@@ -259,18 +262,22 @@ def measure_size(width: int, height: int, frames: int, tmp: Path, client: redis.
     def reduced(data: bytes, flag: int = REDUCED_FLAGS[k]) -> np.ndarray:
         return cv2.imdecode(np.frombuffer(data, np.uint8), flag)
 
-    put("jpeg_decode", _throughput(decode_jpeg, list(s1.values())))
-    put("full_jpeg_decode", _throughput(decode_jpeg, list(full.values())))
+    put("jpeg_decode", _throughput(decode_image, list(s1.values())))
+    put("full_jpeg_decode", _throughput(decode_image, list(full.values())))
     put("reduced_decode", _throughput(reduced, list(full.values())))
 
     # f: clip tensors from decoded frames (a window of them: sliding 16-frame clips).
     window = needed[: length + 3 * 4]
     starts = list(range(0, len(window) - length + 1, 4)) or [0]
-    for key, decoded in (("preprocess", [decode_jpeg(s1[i]) for i in window]),
-                         ("full_preprocess", [decode_jpeg(full[i]) for i in window]),
-                         ("reduced_preprocess", [reduced(full[i]) for i in window])):
-        put(key, _throughput(lambda s, d=decoded: preprocess_clip(d[s : s + length], MODEL_SIZE,
-                                                                  MODEL_SIZE), starts, length))
+    def resized_clip(frames: list[np.ndarray]) -> np.ndarray:  # Stage 1 resizing for itself
+        return preprocess_clip([model_frame(f, MODEL_SIZE, MODEL_SIZE) for f in frames],
+                               MODEL_SIZE, MODEL_SIZE)
+
+    for key, decoded, fn in (("preprocess", [decode_image(s1[i]) for i in window],
+                              lambda d: preprocess_clip(d, MODEL_SIZE, MODEL_SIZE)),
+                             ("full_preprocess", [decode_image(full[i]) for i in window], resized_clip),
+                             ("reduced_preprocess", [reduced(full[i]) for i in window], resized_clip)):
+        put(key, _throughput(lambda s, d=decoded, fn=fn: fn(d[s : s + length]), starts, length))
 
     # g: a slot's 3 stored keyframe JPEGs, base64'd into the request as the VLM client does.
     slots = [s for s in clipmath.split_slots(keyframes, slot_size) if len(s) == slot_size] or [keyframes]
@@ -347,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "jpeg_quality": settings.frame_jpeg_quality, "results": results,
     }
     print(f"Frame path: {args.frames} frames a video, JPEG q{settings.frame_jpeg_quality}, Stage 1 "
-          f"frames stored at {settings.stage1_frame_size or MODEL_SIZE}, {os.cpu_count()} CPUs, OpenCV "
+          f"frames stored at {MODEL_SIZE}, {os.cpu_count()} CPUs, OpenCV "
           f"threads {cv2.getNumThreads()}; need = rate for {target:.2f} clips/s "
           f"(one GPU at {SEED_STAGE1_S * 1000:.0f} ms a clip)")
     print("f/s = frames/s from the median call's wall time; cpu = frames per CPU-second of this "

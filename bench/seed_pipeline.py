@@ -51,7 +51,7 @@ from zroact_tasks.errors import VLMError
 from zroact_tasks.media.clips import clip_frames, keyframe_indices, split_slots
 from zroact_tasks.media.video import encode_jpeg
 from zroact_tasks.models import Detection
-from zroact_tasks.stage1.yowo import postprocess, preprocess_clip
+from zroact_tasks.stage1.yowo import model_frame, postprocess, preprocess_clip
 from zroact_tasks.stage2.prompts import slot_text
 from zroact_tasks.stage2.vlm import VLMClient, parse_verdict
 
@@ -112,7 +112,8 @@ async def run_seed(video: Path, detector: Any, vlm_url: str, *, gather_stage1: b
 
         def detect(kf_batch: list[int]) -> dict[int, list[Detection]]:
             clips = np.stack([
-                preprocess_clip([frames[i] for i in clip_frames(kf, length, sampling_rate)],
+                preprocess_clip([model_frame(frames[i], detector.input_width, detector.input_height)
+                                 for i in clip_frames(kf, length, sampling_rate)],
                                 detector.input_height, detector.input_width)
                 for kf in kf_batch])
             output = detector.infer(clips)

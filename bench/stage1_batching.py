@@ -8,8 +8,8 @@ measurements per batch size B:
 
 * ``infer``  -- ``detector.infer`` on a ready ``[B, 3, 16, 224, 224]`` tensor;
 * ``stage1`` -- the whole Stage 1 task body, ``detect_keyframes``: one HMGET from a real
-  (embedded) Redis frame store, JPEG decode once per unique frame (the Stage 1 copies, stored at
-  ``ZROACT_STAGE1_FRAME_SIZE``), clip tensors, one inference call, postprocess. The store is filled by :func:`zroact_tasks.control.ingest.ingest_whole` itself
+  (embedded) Redis frame store, PNG decode once per unique frame (the Stage 1 copies, stored at
+  the model's input size), clip tensors, one inference call, postprocess. The store is filled by :func:`zroact_tasks.control.ingest.ingest_whole` itself
   from a generated video, so the frames are exactly what a job stores.
 
 Each number is the median of ``--repeat`` timed calls after a warm-up call per batch size
@@ -85,13 +85,13 @@ def job_spec(job_id: str, video: Path, settings: Settings) -> JobSpec:
                    submitted_at=time.time())
 
 
-def fill_store(store: FrameStore, video: Path, job_id: str,
-               settings: Settings | None = None) -> tuple[list[int], dict]:
+def fill_store(store: FrameStore, video: Path, job_id: str, settings: Settings | None = None,
+               input_size: tuple[int, int] = (224, 224)) -> tuple[list[int], dict]:
     """Store ``video``'s frames the way a job does (ingest itself); its keyframes and the
     Stage 1 params its tasks get."""
     settings = settings or Settings()
     spec = job_spec(job_id, video, settings)
-    result = ingest(spec, settings, store, lambda slot, kfs: None)
+    result = ingest(spec, settings, store, lambda slot, kfs: None, input_size)
     return result.keyframes, slot_params(spec, [result.video.width, result.video.height])
 
 
@@ -227,9 +227,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="session.intra_op.allow_spinning=0 (onnxruntime spins by default)")
     parser.add_argument("--frames", type=int, default=419, help="frames of the generated video")
     parser.add_argument("--video-size", type=_size, default=(320, 240), metavar="WxH")
-    parser.add_argument("--stage1-frame-size", type=int, default=None,
-                        help="ZROACT_STAGE1_FRAME_SIZE for the stored Stage 1 frames "
-                             "(default: the setting, 224; 0 = original size)")
     parser.add_argument("--width", type=int, default=16, help="conv model width (channels of the stem)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -246,9 +243,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         client = redis.Redis.from_url(server.url)
         store = FrameStore(client, ttl_s=3600)
         settings = Settings()
-        if args.stage1_frame_size is not None:
-            settings = settings.model_copy(update={"stage1_frame_size": args.stage1_frame_size})
-        keyframes, params = fill_store(store, video, "bench", settings)
+        keyframes, params = fill_store(store, video, "bench", settings,
+                                       (detector.input_width, detector.input_height))
         rows = measure(detector, store, "bench", keyframes, params, args.batches, args.repeat)
         client.close()
     load_after = os.getloadavg()
@@ -263,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "intra_op_num_threads": args.threads or "onnxruntime default (all cores)",
         "allow_spinning": args.spin,
         "video": {"frames": args.frames, "size": f"{vw}x{vh}", "keyframes": len(keyframes),
-                  "stage1_frame_size": settings.stage1_frame_size},
+                  "stage1_frame_size": [detector.input_width, detector.input_height]},
         "repeat": args.repeat,
         "rows": rows,
         "recommended_batch": batch,
@@ -275,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
           f"intra_op_num_threads={result['intra_op_num_threads']}, spinning {'on' if args.spin else 'off'}, "
           f"{os.cpu_count()} CPUs, "
           f"video {vw}x{vh} ({len(keyframes)} keyframes, Stage 1 frames stored at "
-          f"{settings.stage1_frame_size or 'original size'}), median of {args.repeat} interleaved calls")
+          f"{detector.input_width}x{detector.input_height}), median of {args.repeat} interleaved calls")
     print(f"load average before {load_before[0]:.2f} / after {load_after[0]:.2f}")
     print(format_table(rows))
     print(f"recommended stage1_batch = {batch}: {reason}")

@@ -101,7 +101,7 @@ def test_frame_path_bench_smoke(tmp_path, capsys):
     for key, _, _ in frame_path.STEPS + frame_path.COMBINED + frame_path.FULL_STEPS:
         assert r[key] > 0 and r["cpu"][key] > 0, key
     assert r["slowest"] in {k for k, _, _ in frame_path.STEPS}
-    assert 0 < r["s1_bytes"] < r["kf_bytes"]  # 224x224 copies vs full 320x240 keyframes
+    assert r["s1_bytes"] > 0 and r["kf_bytes"] > 0  # lossless 224 copies, JPEG keyframes
     assert r["bytes_per_video_frame"] < r["full_bytes_per_video_frame"]
     assert result["need_frames_per_s"]["clip"] == pytest.approx(16 / 0.163)
     assert json.loads(out.read_text())["results"][0]["size"] == "320x240"
