@@ -82,11 +82,11 @@ class VLMClient:
     """Chat completions against one vLLM server root (``http://host:8000``)."""
 
     def __init__(self, base_url: str, *, model: str | None, timeout_s: float,
-                 max_retries: int, backoff_max_s: float, max_tokens: int) -> None:
+                 max_retries: int, backoff_max_s: float, max_tokens: int | None) -> None:
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
         self._model = model
-        self.max_tokens = max_tokens
+        self.max_tokens = max_tokens or answer_token_bound()  # None: the schema's longest
         self._retrying = retry(
             retry=retry_if_exception_type(VLMUnavailableError),
             stop=stop_after_attempt(max_retries + 1),
