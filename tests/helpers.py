@@ -57,7 +57,7 @@ def assert_revoked_after(recorder, job_id: str, returned_at: float) -> int:
         tasks = [t for t in recorder.log.tasks.values()
                  if t.id.startswith(job_id) and not t.id.startswith(ending)]
     revoked = [t.id for t in tasks if t.revoked]
-    assert revoked, "no pending task of the job was revoked"
+    assert revoked, ("no pending task of the job was revoked", [(t.id, t.starts, t.succeeded) for t in tasks])
     assert [t.id for t in tasks if t.revoked and t.starts] == []
     # (a start in the ~ms between the cancel flag and the revoke broadcast is allowed for)
     late = [(t.id, [round(s - returned_at, 3) for s in t.start_times], t.start_hosts)

@@ -14,7 +14,7 @@ import redis
 
 from zroact_tasks import pipeline
 from zroact_tasks.config import Settings
-from zroact_tasks.control.ingest import ingest_whole, plan
+from zroact_tasks.control.ingest import ingest_whole, plan, stage1_frame
 from zroact_tasks.media import clips, video
 from zroact_tasks.media.store import FrameStore, frames_key
 from zroact_tasks.testing.sample_media import make_video
@@ -101,9 +101,9 @@ def test_chunked_ingest_stores_what_a_sequential_decode_gives(bframes, redis_ser
         name = field.decode()
         index = int(name.removeprefix("s1:"))
         frame = reference[index]
-        if name.startswith("s1:"):
-            frame = cv2.resize(frame, (224, 224), interpolation=cv2.INTER_LINEAR)
-        assert data == video.encode_jpeg(frame, settings.frame_jpeg_quality), name
+        expected = (stage1_frame(frame, (224, 224)) if name.startswith("s1:")
+                    else video.encode_jpeg(frame, settings.frame_jpeg_quality))
+        assert data == expected, name
     r.delete(frames_key(spec.job_id))
 
 

@@ -25,6 +25,9 @@ from ..liveness import worker_key
 
 MODEL = "zroact:stage1:model"
 SERVERS = "zroact:stage1:servers"
+TTL_S = 30 * 86400
+"""Every key expires (nothing is kept forever); each beat renews both, so only a queue with no
+Stage 1 worker for 30 days forgets its model (its next job then waits for a worker)."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,8 @@ def publish(r: redis.Redis, info: ModelInfo, boot_id: str) -> None:
     """Record that this worker serves ``info`` and that the queue now serves it."""
     pipe = r.pipeline()
     pipe.hset(SERVERS, boot_id, info.to_json())
-    pipe.set(MODEL, info.to_json())
+    pipe.expire(SERVERS, TTL_S)
+    pipe.set(MODEL, info.to_json(), ex=TTL_S)
     pipe.execute()
 
 
