@@ -11,7 +11,9 @@ frame a clip uses (Stage 1 reads only these) and a full-size JPEG of every keyfr
   b  Stage 1 copy          ``ingest.stage1_frame``: Pillow bicubic resize + PNG every stored frame
   b' keyframe JPEG         ``encode_jpeg`` q95 of the full frame                  every keyframe
   c  store writes          ``FrameStore.put_many`` as ``ingest`` itself issues them (both kinds)
-  i  ingest end to end     ``control.ingest.ingest_whole`` (a + b + b' + c, and the bookkeeping)
+  i  ingest end to end     ``control.ingest.ingest_whole`` (a + b + b' + c, and the bookkeeping),
+                           b and b' on ``INGEST_ENCODE_THREADS`` (2) threads beside the decoder
+  i1 ingest, 1 thread      the same with ``INGEST_ENCODE_THREADS=1`` (b, b' on the decoding thread)
   d  store read            ``FrameStore.get_many`` of one clip's 16 Stage 1 frames (one HMGET)
   e  frame decode          ``decode_image`` of a stored Stage 1 frame (PNG)
   f  clip tensor           ``preprocess_clip`` (frames/s = 16 x clips/s)
@@ -76,12 +78,13 @@ STEPS = [
     ("kf_encode", "b' keyframe JPEG encode q95", "keyframe"),
     ("write", "c store writes (as ingest)", "video"),
     ("ingest", "i ingest end to end", "video"),
+    ("ingest_1t", "i with 1 encode thread", "video"),
     ("read", "d store read (16/HMGET)", "clip"),
     ("jpeg_decode", "e JPEG decode", "clip"),
     ("preprocess", "f clip tensor", "clip"),
     ("stage2_b64", "g Stage 2 base64 (3/slot)", "keyframe"),
 ]
-SINGLE = [s for s in STEPS if s[0] != "ingest"]
+SINGLE = [s for s in STEPS if not s[0].startswith("ingest")]
 """The steps "slowest" chooses from (i is a + b + b' + c)."""
 COMBINED = [("stage1_cpu", "d+e+f (Stage 1 process)", "clip")]
 FULL_STEPS = [
@@ -235,6 +238,10 @@ def measure_size(width: int, height: int, frames: int, tmp: Path, client: redis.
     store = TimingStore(client, ttl_s=3600)
     ours = _ingest(store, video, job, settings, (size, size))
     theirs = _ingest(store, video, full_job, settings, (width, height))
+    # The same ingest with its resize and encodes on the decoding thread (as before
+    # INGEST_ENCODE_THREADS), side by side in this run.
+    one_thread = settings.model_copy(update={"ingest_encode_threads": 1})
+    put("ingest_1t", _ingest(store, video, job + "-1t", one_thread, (size, size))["ingest"])
     put("write", ours["write"])
     put("ingest", ours["ingest"])
     put("full_write", theirs["write"])

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     """How far decoding runs ahead of Stage 1, in chunks: the stored slots not yet through
     Stage 1, plus the chunks being decoded, stay under this many chunks' worth. It also bounds
     how many control workers decode one video at once."""
+    ingest_encode_threads: int = Field(2, ge=1)
+    """Threads of one ingest step that resize and encode frames while its decoder reads the next
+    (Pillow's resize and OpenCV's encoders release the GIL; at 1080p they cost ~3x the decode)."""
     frame_jpeg_quality: int = Field(95, ge=50, le=100)
     """JPEG quality of frames held in the store (they are also what Stage 2 sends)."""
     stage2_max_side: int | None = Field(None, ge=32)

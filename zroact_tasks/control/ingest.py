@@ -10,7 +10,9 @@ Stage 1, so the frames a job holds do not grow with the video's length.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..config import Settings
@@ -91,6 +93,35 @@ class _Buffer:
         self.frames = {"stage1": {}, "full": {}}
 
 
+class _Encoder:
+    """Resizes and encodes frames on a few threads while the decoder reads on: the frames in
+    flight are bounded (twice the threads), and each lands in the buffer in decode order."""
+
+    def __init__(self, buffer: _Buffer, threads: int) -> None:
+        self.buffer, self.limit = buffer, 2 * threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="ingest-encode")
+        self.pending: deque[tuple[str, int, Future[bytes]]] = deque()
+
+    def submit(self, kind: str, index: int, encode: Callable[..., bytes], *args) -> None:
+        self.pending.append((kind, index, self.pool.submit(encode, *args)))
+        while len(self.pending) > self.limit:
+            self._land()
+
+    def _land(self) -> None:
+        kind, index, future = self.pending.popleft()
+        self.buffer.add(kind, index, future.result())
+
+    def __enter__(self) -> _Encoder:
+        return self
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        try:
+            while self.pending and exc_type is None:
+                self._land()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def stage1_frame(frame, input_size: tuple[int, int]) -> bytes:
     """The frame as Stage 1 reads it: resized as YOWOv3 does (``model_frame``), stored lossless
     so that Stage 1's input is YOWOv3's to the bit (a JPEG copy moves pixels by up to ~100)."""
@@ -137,16 +168,17 @@ def ingest_chunk(spec: JobSpec, job_plan: Plan, chunk: int, settings: Settings,
     buffer, quality = _Buffer(store, spec.job_id), settings.frame_jpeg_quality
     result = ChunkResult()
     decoded_to = first  # frames 0 .. decoded_to - 1 exist
-    for index, frame in video.decode_span(job_plan.path, first, last, seek=job_plan.seekable,
-                                          max_frames=settings.max_frames):
-        decoded_to = index + 1
-        if index % FLUSH_EVERY == 0 and (buffer.job_ended or should_stop()):
-            result.stopped = True
-            break
-        if index in stage1:
-            buffer.add("stage1", index, stage1_frame(frame, job_plan.input_size))
-        if stage2 and index in keyframes:
-            buffer.add("full", index, video.encode_jpeg(frame, quality))
+    with _Encoder(buffer, settings.ingest_encode_threads) as encoder:
+        for index, frame in video.decode_span(job_plan.path, first, last, seek=job_plan.seekable,
+                                              max_frames=settings.max_frames):
+            decoded_to = index + 1
+            if index % FLUSH_EVERY == 0 and (buffer.job_ended or should_stop()):
+                result.stopped = True
+                break
+            if index in stage1:
+                encoder.submit("stage1", index, stage1_frame, frame, job_plan.input_size)
+            if stage2 and index in keyframes:
+                encoder.submit("full", index, video.encode_jpeg, frame, quality)
     buffer.flush()
     if result.stopped or buffer.job_ended or should_stop():
         result.stopped = True
