@@ -383,3 +383,25 @@ def test_a_waiting_ingest_holds_no_worker_process(redis_server, assets, tmp_path
         cluster.stop()
         client.close()
 
+
+
+def test_full_hd_frames_are_fitted_into_the_vlm_context(client, standin, tmp_path):
+    """Three 1920x1080 keyframes cost ~8,100 tokens on Qwen2.5-VL, past the stand-in's 8,192-token
+    context with the answer's room: Stage 2 shrinks them (aspect kept, 28-px units) so every slot
+    gets a verdict, and the report says the size it sent."""
+    from zroact_tasks.testing.sample_media import make_video
+
+    video = make_video(tmp_path / "full_hd.mp4", frames=47, width=1920, height=1080)
+    first = len(standin.requests)
+    report = client.submit(video, prompt="Is it moving?").wait(timeout=180)
+    assert report.status == "succeeded"
+    assert [s.error for s in report.slots] == [None] * len(report.slots)
+    assert all(s.verdict is not None for s in report.slots)
+    sizes = {tuple(s.image_size) for s in report.slots}
+    (w, h), = sizes
+    assert w < 1920 and h < 1080 and w % 28 == 0 and h % 28 == 0 and abs(w / h - 16 / 9) < 0.1
+    for request, answer in zip(standin.requests[first:], standin.responses[first:]):
+        assert [img.shape for img in _images(request)] == [(h, w, 3)] * 3
+        assert answer.status == 200
+        prompt = answer.body["usage"]["prompt_tokens"]
+        assert prompt + request["max_tokens"] <= standin.max_model_len, (prompt, request["max_tokens"])

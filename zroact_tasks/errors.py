@@ -138,6 +138,11 @@ class VLMResponseError(VLMError):
     schema, or a generation cut off by ``max_tokens``. Not retried."""
 
 
+class VLMContextError(VLMResponseError):
+    """A slot's request cannot fit the VLM's context even with its frames at the smallest size
+    the model takes (raised before sending: the server would answer 400 for length)."""
+
+
 class JobNotFoundError(ZroactError):
     """No job with this id is known to the cluster (never submitted, or expired)."""
 

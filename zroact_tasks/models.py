@@ -68,6 +68,9 @@ class SlotResult(BaseModel):
     """Frame indices of the slot's keyframes, in order."""
     verdict: Verdict | None = None
     error: str | None = None
+    image_size: list[int] | None = None
+    """[width, height] of the frames Stage 2 sent for this slot: the stored keyframes, shrunk where
+    ``STAGE2_MAX_SIDE`` or the VLM's context asked for it; None when none were sent."""
 
 
 class VideoInfo(BaseModel):

@@ -50,7 +50,8 @@ def build_report(job_id: str, meta: dict[str, str], kf_records: dict[int, dict],
             continue  # trailing partial slot: Stage 1 only, no Stage 2 request
         rec = groups.get(j, {})
         error_text = rec.get("error") if rec else missing_reason
-        slots.append(SlotResult(slot=j, keyframes=kfs, verdict=rec.get("verdict"), error=error_text))
+        slots.append(SlotResult(slot=j, keyframes=kfs, verdict=rec.get("verdict"), error=error_text,
+                                image_size=rec.get("image_size")))
 
     stage2_enabled = meta.get("stage2") == "true"
     stage2_records = [g for g in groups.values() if g.get("stage2")]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
 from functools import cache
 
 import cv2
+from PIL import Image
 from celery.exceptions import SoftTimeLimitExceeded
 
 from .. import pipeline, resources
@@ -18,6 +20,7 @@ from ..control.tasks import one_line, record_group
 from ..errors import VLMError, ZroactError
 from ..media.video import decode_jpeg, encode_jpeg
 from ..models import Detection, JobSpec
+from .context import fit_frames
 from .prompts import slot_text
 from .vlm import VLMClient
 
@@ -34,16 +37,33 @@ def vlm() -> VLMClient:
                      max_tokens=s.vlm_max_tokens)
 
 
-def _fit(jpeg: bytes, max_side: int | None, quality: int) -> bytes:
-    """The stored JPEG as is, or downscaled when STAGE2_MAX_SIDE asks for it."""
-    if max_side is None:
+def _jpeg_size(jpeg: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(jpeg)) as image:  # reads the header only
+        return image.size
+
+
+def _capped(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """The size STAGE2_MAX_SIDE allows (aspect kept); the size itself when unset or smaller."""
+    scale = 1.0 if max_side is None else max_side / max(size)
+    return size if scale >= 1 else (round(size[0] * scale), round(size[1] * scale))
+
+
+def _resized(jpeg: bytes, size: tuple[int, int], quality: int) -> bytes:
+    """The stored JPEG as is at its own size, else decoded, shrunk (area filter) and re-encoded."""
+    if _jpeg_size(jpeg) == size:
         return jpeg
     frame = decode_jpeg(jpeg)
-    scale = max_side / max(frame.shape[:2])
-    if scale >= 1:
-        return jpeg
-    size = (round(frame.shape[1] * scale), round(frame.shape[0] * scale))
     return encode_jpeg(cv2.resize(frame, size, interpolation=cv2.INTER_AREA), quality)
+
+
+def slot_images(stored: list[bytes], text: str, client: VLMClient,
+                settings) -> tuple[list[bytes], list[tuple[int, int]]]:
+    """The slot's frames as sent: capped by STAGE2_MAX_SIDE, then fitted into the VLM's context
+    (stage2/context.py; VLMContextError when they cannot fit). Returns the JPEGs and their sizes."""
+    sizes = [_capped(_jpeg_size(jpeg), settings.stage2_max_side) for jpeg in stored]
+    sizes = fit_frames(sizes, text, client.server, client.max_tokens)
+    return ([_resized(jpeg, size, settings.frame_jpeg_quality) for jpeg, size in zip(stored, sizes)],
+            sizes)
 
 
 @app.task(name=pipeline.JUDGE, bind=True, ignore_result=True)  # the verdict is in the job's record
@@ -63,11 +83,11 @@ def judge_slot(self, job_id: str, slot: int, keyframes: list[int],
         spec = JobSpec.model_validate_json(meta["spec"])
         fps = json.loads(meta["video"])["fps"] if "video" in meta else 30.0
         stored = resources.frames().get_many(job_id, keyframes)
-        images = [_fit(stored[kf], settings.stage2_max_side, settings.frame_jpeg_quality)
-                  for kf in keyframes]
         dets = {int(k): [Detection.model_validate(d) for d in v] for k, v in detections.items()}
-        client = vlm()
-        verdict = client.judge(images, slot_text(spec.prompt, keyframes, fps, dets))
+        client, text = vlm(), slot_text(spec.prompt, keyframes, fps, dets)
+        images, sizes = slot_images([stored[kf] for kf in keyframes], text, client, settings)
+        record["image_size"] = list(sizes[0]) if sizes else None
+        verdict = client.judge(images, text)
         record.update(verdict=verdict.model_dump(mode="json"), model=client.model)
     except ZroactError as exc:
         log.warning("job %s slot %d: %s", job_id, slot, exc)

@@ -24,6 +24,7 @@ from tenacity import (
 
 from ..errors import VLMResponseError, VLMUnavailableError
 from ..models import Verdict
+from .context import ServerInfo
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class VLMClient:
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
         self._model = model
+        self._server: ServerInfo | None = None
         self.max_tokens = max_tokens or answer_token_bound()  # None: the schema's longest
         self._retrying = retry(
             retry=retry_if_exception_type(VLMUnavailableError),
@@ -113,15 +115,29 @@ class VLMClient:
             raise VLMResponseError(f"VLM sent a body that is not JSON: {response.text[:120]!r}") from exc
 
     @property
+    def server(self) -> ServerInfo:
+        """The served model's card (``/v1/models``), read once: the configured model's, else the
+        only one listed. Its ``root`` and ``max_model_len`` size the frames (stage2/context.py)."""
+        if self._server is None:
+            listed = self._retrying(self._request)("GET", "/v1/models")
+            cards = [m for m in listed.get("data", []) if isinstance(m, dict) and m.get("id")]
+            ids = [m["id"] for m in cards]
+            if self._model is None and len(cards) != 1:
+                raise VLMResponseError(f"VLM serves {len(ids)} models {ids}; set ZROACT_VLM_MODEL")
+            card = cards[0] if self._model is None else next(
+                (m for m in cards if m["id"] == self._model), None)
+            if card is None:
+                raise VLMResponseError(f"VLM does not serve {self._model!r} (it serves {ids}); "
+                                       "check ZROACT_VLM_MODEL")
+            length = card.get("max_model_len")
+            self._server = ServerInfo(model=card["id"], root=card.get("root") or None,
+                                      max_model_len=length if isinstance(length, int) else None)
+        return self._server
+
+    @property
     def model(self) -> str:
         """The configured model, else the only one the server lists."""
-        if self._model is None:
-            listed = self._retrying(self._request)("GET", "/v1/models")
-            ids = [m.get("id") for m in listed.get("data", []) if isinstance(m, dict)]
-            if len(ids) != 1:
-                raise VLMResponseError(f"VLM serves {len(ids)} models {ids}; set ZROACT_VLM_MODEL")
-            self._model = ids[0]
-        return self._model
+        return self._model or self.server.model
 
     def build_request(self, images: list[bytes], text: str) -> dict[str, Any]:
         content = [image_part(jpeg) for jpeg in images] + [{"type": "text", "text": text}]
