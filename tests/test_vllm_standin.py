@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
+from zroact_tasks.stage2.image_tokens import CONSERVATIVE, QWEN2_VL, QWEN3_VL
 from zroact_tasks.testing.vllm_standin import VLLMStandIn, expected_content, image_digest
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -44,10 +45,18 @@ SCHEMA = {
 }
 
 
-def image_url(shade: int) -> str:
-    ok, jpg = cv2.imencode(".jpg", np.full((32, 32, 3), shade, np.uint8))
+def image_url(shade: int, size: tuple[int, int] = (32, 32), mime: str = "image/jpeg") -> str:
+    ok, jpg = cv2.imencode(".jpg", np.full((size[1], size[0], 3), shade, np.uint8))
     assert ok
-    return "data:image/jpeg;base64," + base64.b64encode(jpg.tobytes()).decode()
+    return f"data:{mime};base64," + base64.b64encode(jpg.tobytes()).decode()
+
+
+def with_urls(body: dict, urls: list[str]) -> dict:
+    """``body`` with its image parts replaced by ``urls``."""
+    text = [p for p in body["messages"][0]["content"] if p["type"] == "text"]
+    body["messages"][0]["content"] = text + [{"type": "image_url", "image_url": {"url": u}}
+                                             for u in urls]
+    return body
 
 
 def chat_body(n_images: int = 3, *, schema: dict | None = SCHEMA, model: str = MODEL,
@@ -113,7 +122,13 @@ def test_three_images_with_schema_give_a_conforming_vllm_response(http, vllm):
     assert {"refusal", "annotations", "audio", "function_call", "reasoning"} <= message.keys()
     usage = data["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    assert "prompt_tokens_details" in usage and usage["prompt_tokens"] >= 3 * 256
+    assert "prompt_tokens_details" in usage
+    # 32x32 is raised to Qwen's min_pixels: 2x2 units, plus the vision start/end markers.
+    assert usage["prompt_tokens"] == chat(http, chat_body(0)).json()["usage"][
+        "prompt_tokens"] + 3 * (4 + 2)
+    body_text_only = vllm.requests.pop()
+    vllm.responses.pop()
+    assert body_text_only == chat_body(0)
 
     verdict = json.loads(message["content"])
     jsonschema.validate(verdict, SCHEMA)
@@ -174,20 +189,66 @@ def test_validation_errors_are_400(http, vllm):
 def test_too_many_images_is_vllm_400(http):
     response = chat(http, chat_body(4))
     assert response.status_code == 400
-    error = response.json()["error"]
-    assert error["message"] == "At most 3 image(s) may be provided in one prompt."
-    assert error["type"] == "BadRequestError"
+    assert response.json()["error"] == {
+        "message": "At most 3 image(s) may be provided in one prompt. (parameter=image)",
+        "type": "BadRequestError", "param": "image", "code": 400}
 
 
-@pytest.mark.parametrize("url", [
-    "data:image/jpeg;base64," + base64.b64encode(b"not an image").decode(),
-    "data:image/jpeg;base64,@@@",
-    "https://example.com/cat.jpg",
+def prompt_tokens(http: httpx.Client, urls: list[str]) -> int:
+    response = chat(http, with_urls(chat_body(0, schema=None, max_tokens=1), urls))
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize(("root", "rule"), [
+    (None, QWEN2_VL),  # the served name, Qwen/Qwen2.5-VL-3B-Instruct
+    ("/models/Qwen3-VL-2B-Instruct", QWEN3_VL),
+    ("llava-hf/llava-1.5-7b-hf", CONSERVATIVE),
 ])
-def test_undecodable_image_is_400(http, url):
-    body = chat_body(1)
-    body["messages"][0]["content"][1]["image_url"]["url"] = url
-    assert chat(http, body).status_code == 400
+def test_image_tokens_follow_the_model_family_of_root(root, rule):
+    with VLLMStandIn(MODEL, root=root, max_model_len=32768) as server, \
+            httpx.Client(base_url=server.url) as http:
+        assert http.get("/v1/models").json()["data"][0]["root"] == (root or MODEL)
+        text_only = prompt_tokens(http, [])
+        for size in [(224, 224), (1280, 720), (1920, 1080), (4000, 4000)]:
+            assert prompt_tokens(http, [image_url(90, size)]) - text_only == rule.tokens(*size)
+        two = [image_url(90, (1280, 720)), image_url(30, (224, 224))]
+        assert prompt_tokens(http, two) - text_only == rule.tokens(1280, 720) + rule.tokens(224, 224)
+
+
+def test_prompt_past_the_context_is_vllm_400():
+    frames = [image_url(90 + i, (1920, 1080)) for i in range(3)]  # 3 x 2693 tokens
+    with VLLMStandIn(MODEL, max_model_len=6144) as server, \
+            httpx.Client(base_url=server.url) as http:
+        text_only = prompt_tokens(http, [])
+        assert prompt_tokens(http, frames[:2]) == text_only + 2 * 2693  # fits
+        response = chat(http, with_urls(chat_body(0), frames))
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "message": f"Input length ({text_only + 3 * 2693}) exceeds model's maximum context "
+                   "length (6144).", "type": "BadRequestError", "param": None, "code": 400}
+
+
+@pytest.mark.parametrize(("url", "status", "message"), [
+    ("data:image/jpeg;base64," + base64.b64encode(b"not an image").decode(), 400,
+     "Failed to load image: cannot identify image file <_io.BytesIO object>"),
+    ("data:image/jpeg;base64,@@@", 400, "Non-base64 digit found"),
+    ("data:image/jpeg;base64,abc", 400, "Non-base64 digit found"),  # bad padding: the same
+    ("data:image/jpeg," + image_url(90).split(",", 1)[1], 501,
+     "Only base64 data URLs are supported for now."),
+    ("https://example.com/cat.jpg", 400, None),  # the stand-in fetches nothing
+])
+def test_undecodable_image_is_refused_like_vllm(http, url, status, message):
+    response = chat(http, with_urls(chat_body(1), [url]))
+    assert response.status_code == status
+    if message is not None:
+        assert response.json()["error"]["message"] == message
+
+
+def test_media_type_is_not_checked(http):
+    # vLLM only decodes the bytes: a JPEG labelled text/plain is an image all the same.
+    assert prompt_tokens(http, [image_url(90, (224, 224), "text/plain")]) == prompt_tokens(
+        http, [image_url(90, (224, 224))])
 
 
 def test_max_tokens_beyond_context_is_vllm_400(http):

@@ -49,6 +49,8 @@ from typing import Any, Callable, NamedTuple
 import cv2
 import numpy as np
 
+from ..stage2.image_tokens import TokenRule, rule_for
+
 __all__ = ["VLLMStandIn", "ChatResponse", "expected_content", "image_digest", "FAULTS"]
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -56,8 +58,9 @@ FAULTS = (None, "500", "503", "408", "429", "garbage", "bad_schema", "length", "
 SLOW_FAULT_S = 3600.0  # longer than any sane client timeout
 DIFFERENCES = (
     "no streaming (stream=true is answered 400), tools, logprobs, guided_json or LoRA models",
-    "only data:image/...;base64 image URLs; http(s) URLs are refused instead of fetched",
-    "token counts are estimates: len(text)//4 + 256 per image + 8 per message",
+    "only data: image URLs; http(s) URLs are refused (400) instead of fetched",
+    "text token counts are estimates (len(text)//4 + 8 per message); image tokens follow the "
+    "served model family's rule (stage2.image_tokens.rule_for(root)), as vLLM counts them",
     "validation messages are abridged: only messages/role and json_schema.name are checked, "
     "one error per bad message instead of pydantic's whole union dump",
     "json_schema keywords pattern, format, multipleOf, uniqueItems are not honoured",
@@ -123,26 +126,39 @@ def _image_urls(body: dict) -> list[str]:
     return urls
 
 
-def _decode_data_url(url: str) -> bytes:
-    """Bytes of a ``data:image/*;base64,`` URL that OpenCV can decode, else a 400."""
+class _Image(NamedTuple):
+    raw: bytes
+    width: int
+    height: int
+
+
+def _load_image(url: str, modern: bool = True) -> _Image:
+    """The image of a ``data:...;base64,`` URL, else the _Reject vLLM answers it with.
+
+    ``modern``: vLLM 0.32's answers; else 0.10's. Like vLLM, the media type is not checked:
+    only whether the bytes decode."""
     if not url.startswith("data:"):
         raise _Reject(400, "The stand-in only accepts data:image/...;base64, URLs "
                            f"(vLLM would fetch this one): {url[:60]!r}", preprocessing=True)
     spec, _, data = url[5:].partition(",")
-    media_type, _, encoding = spec.partition(";")
-    if encoding != "base64":
+    if spec.partition(";")[2] != "base64":
+        if modern:  # vLLM raises NotImplementedError, which it answers with a 501
+            raise _Reject(501, "Only base64 data URLs are supported for now.",
+                          "NotImplementedError")
         raise _Reject(400, "Only base64 data URLs are supported for now.", preprocessing=True)
-    if not media_type.startswith("image/"):
-        raise _Reject(400, f"Unsupported media type for an image: {media_type!r}",
-                      preprocessing=True)
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise _Reject(400, str(exc), preprocessing=True) from None
-    if not raw or cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR) is None:
+        # vLLM decodes with pybase64, whose only message is this one.
+        raise _Reject(400, "Non-base64 digit found" if modern else str(exc),
+                      preprocessing=True) from None
+    image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_COLOR) if raw else None
+    if image is None:
         # PIL's message, after vLLM's sanitize_message() strips the object address.
-        raise _Reject(400, "cannot identify image file <_io.BytesIO object>", preprocessing=True)
-    return raw
+        message = "cannot identify image file <_io.BytesIO object>"
+        raise _Reject(400, f"Failed to load image: {message}" if modern else message,
+                      preprocessing=True)
+    return _Image(raw, image.shape[1], image.shape[0])
 
 
 def image_digest(body: dict) -> str:
@@ -152,15 +168,16 @@ def image_digest(body: dict) -> str:
     h = hashlib.sha256()
     for url in _image_urls(body):
         try:
-            h.update(_decode_data_url(url))
+            h.update(_load_image(url).raw)
         except _Reject:
             h.update(url.encode())
     return h.hexdigest()[:8]
 
 
-def _prompt_tokens(body: dict) -> int:
+def _prompt_tokens(body: dict, image_tokens: int) -> int:
+    """An estimate for the text (~4 characters a token, 8 per message) plus the images' tokens."""
     text = sum(len(p.get("text") or "") for p in _parts(body) if p.get("type") == "text")
-    return text // 4 + 256 * len(_image_urls(body)) + 8 * len(body.get("messages") or [])
+    return text // 4 + image_tokens + 8 * len(body.get("messages") or [])
 
 
 def _schema(body: dict) -> dict | None:
@@ -314,8 +331,9 @@ def _pydantic_errors(body: Any) -> list[dict]:
 
 
 def _check_request(body: dict, model: str, max_images: int, max_model_len: int,
-                   modern: bool = True) -> None:
+                   modern: bool = True, rule: TokenRule | None = None) -> int:
     """vLLM's checks after pydantic, in its order: model, stream, images, context length.
+    Returns the prompt tokens, images counted by ``rule`` (default: the Qwen2.5-VL family's).
     ``modern``: vLLM 0.32's wording and limits; else 0.10's."""
     if body.get("model") and body["model"] != model:  # no model means the served one
         aliases = f" Valid aliases: {model}." if modern else ""
@@ -327,25 +345,45 @@ def _check_request(body: dict, model: str, max_images: int, max_model_len: int,
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and not fmt.get("json_schema"):
         raise _Reject(400, "When response_format type is 'json_schema', the 'json_schema' field "
                            "must be provided. (parameter=response_format)", param="response_format")
-    urls = _image_urls(body)
-    if len(urls) > max_images:
-        raise _Reject(400, f"At most {max_images} image(s) may be provided in one prompt.",
-                      preprocessing=True)
-    for url in urls:
-        _decode_data_url(url)
-    tokens = _prompt_tokens(body)
+    _check_image_count(len(_image_urls(body)), max_images, modern)
+    rule = rule or rule_for(model)
+    images = [_load_image(url, modern) for url in _image_urls(body)]
+    tokens = _prompt_tokens(body, sum(rule.tokens(i.width, i.height) for i in images))
+    asked = body.get("max_completion_tokens") or body.get("max_tokens")
+    if modern:
+        _check_length_modern(tokens, asked, max_model_len)
+    else:
+        _check_length_legacy(tokens, asked, max_model_len)
+    return tokens
+
+
+def _check_image_count(count: int, max_images: int, modern: bool) -> None:
+    if count > max_images:
+        message = f"At most {max_images} image(s) may be provided in one prompt."
+        if modern:  # a VLLMValidationError(parameter="image")
+            raise _Reject(400, message + " (parameter=image)", param="image")
+        raise _Reject(400, message, preprocessing=True)
+
+
+def _check_length_modern(tokens: int, asked: Any, max_model_len: int) -> None:
+    """vLLM 0.32: a prompt longer than the context is refused; max_tokens only past the context
+    (a prompt that leaves fewer tokens than asked just stops at the context's end)."""
+    if tokens > max_model_len:
+        raise _Reject(400, f"Input length ({tokens}) exceeds model's maximum context length "
+                           f"({max_model_len}).")
+    if isinstance(asked, int) and asked > max_model_len:
+        raise _Reject(400, f"max_tokens={asked} cannot be greater than max_model_len="
+                           f"{max_model_len}. Please request fewer output tokens.",
+                      param="max_tokens", value=asked)
+
+
+def _check_length_legacy(tokens: int, asked: Any, max_model_len: int) -> None:
+    """vLLM <= 0.10: prompt and max_tokens must fit into the context together."""
     if tokens >= max_model_len:
         raise _Reject(400, f"This model's maximum context length is {max_model_len} tokens. "
                            f"However, your request has {tokens} input tokens. Please reduce the "
                            "length of the input messages.", param="input_tokens", value=tokens,
                       preprocessing=True)
-    asked = body.get("max_completion_tokens") or body.get("max_tokens")
-    if modern:  # 0.32 refuses only max_tokens past the context; otherwise generation just stops
-        if isinstance(asked, int) and asked > max_model_len:
-            raise _Reject(400, f"max_tokens={asked} cannot be greater than max_model_len="
-                               f"{max_model_len}. Please request fewer output tokens.",
-                          param="max_tokens", value=asked)
-        return
     if isinstance(asked, int) and tokens + asked > max_model_len:
         raise _Reject(400, f"'max_tokens' or 'max_completion_tokens' is too large: {asked}. This "
                            f"model's maximum context length is {max_model_len} tokens and your "
@@ -363,10 +401,14 @@ class VLLMStandIn:
                  max_images: int = 3, max_model_len: int = 8192, latency_s: float = 0.0,
                  latency_growth: float = 0.10,
                  content_fn: Callable[[dict], str] | None = None, error_shape: str = "nested",
-                 num_gpu_blocks: int = 4096, block_size: int = 16):
+                 num_gpu_blocks: int = 4096, block_size: int = 16, root: str | None = None):
+        """``root``: what vLLM's model card reports as the model's path or hub id (default: the
+        served name). It names the model family, whose rule counts the image tokens."""
         if error_shape not in _PROFILES:
             raise ValueError(f"error_shape must be 'nested' or 'flat', not {error_shape!r}")
         self.model, self.host, self.port = model, host, port
+        self.root = root or model
+        self.token_rule = rule_for(self.root)
         self.max_images, self.max_model_len = max_images, max_model_len
         self.latency_s, self.latency_growth = latency_s, latency_growth
         self.content_fn, self.error_shape = content_fn, error_shape
@@ -525,8 +567,9 @@ class VLLMStandIn:
         if errors := _pydantic_errors(body):
             return self._validation_error(errors)
         try:
-            _check_request(body, self.model, self.max_images, self.max_model_len,
-                           _PROFILES[self.error_shape]["modern"])
+            prompt_tokens = _check_request(body, self.model, self.max_images,
+                                           self.max_model_len,
+                                           _PROFILES[self.error_shape]["modern"], self.token_rule)
         except _Reject as reject:
             return self._error(reject)
         delay = self.latency_s * (1 + self.latency_growth * (concurrency - 1))
@@ -543,7 +586,7 @@ class VLLMStandIn:
         asked = body.get("max_completion_tokens") or body.get("max_tokens")
         if isinstance(asked, int) and len(content) > 4 * asked:  # ~4 characters a token
             content, finish = content[: 4 * asked], "length"
-        return ChatResponse(200, self._completion(body, content, finish))
+        return ChatResponse(200, self._completion(body, content, finish, prompt_tokens))
 
     def _sleep_until_released(self, seconds: float) -> bool:
         with self._cond:
@@ -552,10 +595,10 @@ class VLLMStandIn:
                 lambda: self._release_gen != gen or self._stopping.is_set(), seconds)
         return not self._stopping.is_set()
 
-    def _completion(self, body: dict, content: str, finish: str) -> dict:
+    def _completion(self, body: dict, content: str, finish: str, prompt: int) -> dict:
         profile = _PROFILES[self.error_shape]
         n = body.get("n") if isinstance(body.get("n"), int) and body["n"] > 0 else 1
-        prompt, completion = _prompt_tokens(body), max(1, len(content) // 4)
+        completion = max(1, len(content) // 4)
         choices = []
         for i in range(n):
             message = {"role": "assistant", "content": content, "refusal": None,
@@ -605,7 +648,7 @@ class VLLMStandIn:
                       "allow_view": True, "allow_fine_tuning": False, "organization": "*",
                       "group": None, "is_blocking": False}
         card = {"id": self.model, "object": "model", "created": int(time.time()),
-                "owned_by": "vllm", "root": self.model, "parent": None,
+                "owned_by": "vllm", "root": self.root, "parent": None,
                 "max_model_len": self.max_model_len, "permission": [permission]}
         return {"object": "list", "data": [card]}
 
@@ -733,6 +776,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--root", default=None,
+                        help="the model's path or hub id (/v1/models root); picks the image-token "
+                             "rule (default: --model)")
     parser.add_argument("--latency-s", type=float, default=0.0)
     parser.add_argument("--latency-growth", type=float, default=0.10)
     parser.add_argument("--max-images", type=int, default=3)
@@ -744,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: done.set())
     standin = VLLMStandIn(args.model, host=args.host, port=args.port, max_images=args.max_images,
                           max_model_len=args.max_model_len, latency_s=args.latency_s,
-                          latency_growth=args.latency_growth, error_shape=args.error_shape).start()
+                          latency_growth=args.latency_growth, error_shape=args.error_shape,
+                          root=args.root).start()
     print(f"vLLM stand-in listening on {standin.url}", flush=True)
     try:
         while not done.wait(0.2):  # short waits keep the main thread responsive to signals
