@@ -295,3 +295,54 @@ def test_zroact_metrics_and_zroact_api_serve(client, assets, tmp_path):
         assert status.status_code == 200 and status.json()["state"] == "succeeded"
     assert "Application shutdown complete" in api["output"]
     assert "cli-test-token" not in api["output"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_one_line(res, code: int, *words: str) -> str:
+    """The command failed with ``code`` and one stderr line (no traceback) holding ``words``."""
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == code, (res.returncode, res.stderr)
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    return lines[0]
+
+
+def test_a_bad_setting_never_breaks_help_and_is_one_line_elsewhere():
+    env = {"ZROACT_KEYFRAME_STRIDE": "abc"}
+    helped = zroact("--help", env=env)
+    assert helped.returncode == 0 and "Traceback" not in helped.stderr and "submit" in helped.stdout
+    for args in (["status", "0" * 32], ["submit", "x.mp4"], ["run", "x.mp4"]):
+        assert_one_line(zroact(*args, env=env), 2, "ZROACT_KEYFRAME_STRIDE", "valid integer")
+
+
+def test_a_cluster_that_does_not_answer_is_one_line_and_exit_1(assets):
+    url = f"redis://:hunter2@127.0.0.1:{_free_port()}/0"
+    for args in (["submit", assets["short_video"]], ["status", "0" * 32], ["cancel", "0" * 32]):
+        line = assert_one_line(zroact(*args, "--redis-url", url, timeout=30), 1, "does not answer",
+                               "--redis-url")
+        assert "hunter2" not in line  # the password is masked
+
+
+def test_version():
+    from importlib.metadata import version
+
+    res = zroact("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"zroact, version {version('zroact')}"
+
+
+def test_stage1_without_onnxruntime_names_the_extra_to_install(assets, tmp_path):
+    """``pip install .`` with no extra: the first use of Stage 1 says which extra to install."""
+    shadow = tmp_path / "no-onnxruntime"
+    shadow.mkdir()
+    (shadow / "onnxruntime.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'onnxruntime'\", name='onnxruntime')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])}
+    res = zroact("run", assets["short_video"], "--model", assets["model"], env=env)
+    assert_one_line(res, 2, "onnxruntime is not installed", "zroact[cpu]", "zroact[gpu]")

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import ValidationError
 
-from .config import STAGE2_CONCURRENCY_RANGE, Settings, timeout_problems, use_settings
-from .errors import ConfigError, InputError, ZroactError
+from .config import (STAGE2_CONCURRENCY_RANGE, Settings, load_settings, timeout_problems,
+                     use_settings)
+from .errors import ClusterUnavailableError, ConfigError, InputError, ZroactError
 from .models import JobReport
-from .progress import follow
+from .redisconn import TRANSIENT_ERRORS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT = 0, 1, 2, 3
 DEFAULT_CONCURRENCY = {"control": 4, "stage1": 1}
@@ -29,11 +29,32 @@ DEFAULT_CONCURRENCY = {"control": 4, "stage1": 1}
 
 def _settings(**flags: Any) -> Settings:
     """Settings from the environment, with the CLI flags that were given on top."""
+    return load_settings(**{k: v for k, v in flags.items() if v is not None})
+
+
+def _cluster(redis_url: str | None):
+    """A client of the running cluster, once its Redis answers (a down cluster is one line,
+    not a minute of retries and a traceback)."""
+    import redis
+
+    from .client import Client
+    from .redisconn import safe_url
+
+    settings = _settings(redis_url=redis_url)
+    probe = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
     try:
-        return Settings(**{k: v for k, v in flags.items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+        probe.ping()
+    except redis.RedisError as exc:
+        raise ClusterUnavailableError(
+            f"the cluster's Redis at {safe_url(settings.redis_url)} does not answer "
+            f"({_first_line(exc)}): is it running? (--redis-url / ZROACT_REDIS_URL)") from exc
+    finally:
+        probe.close()
+    return Client(settings=settings)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _fail(message: str, code: int) -> None:
@@ -54,6 +75,10 @@ def handles_errors(func):
             code = EXIT_INPUT if isinstance(exc, InputError) else (
                 EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED)
             _fail(str(exc), code)
+        except TRANSIENT_ERRORS as exc:  # Redis went away mid-command, after its retries
+            if debug:
+                traceback.print_exc()
+            _fail(f"lost the cluster's Redis: {_first_line(exc)}", EXIT_FAILED)
     return wrapper
 
 
@@ -101,6 +126,7 @@ def finish(report: JobReport, json_out: Path | None) -> None:
 
 
 @click.group()
+@click.version_option(package_name="zroact", prog_name="zroact")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(debug: bool) -> None:
     """zroact: two-stage video inference on Celery + Redis."""
@@ -146,6 +172,8 @@ def run(video: Path, model: Path | None, labels: Path | None, vlm_url: str | Non
             cluster.wait_ready(client.app)
             job = client.submit(path, prompt=settings.prompt)
             click.echo(f"job {job.id} submitted; workers' logs in {cluster.log_dir}", err=True)
+            from .progress import follow
+
             report = follow(job, sys.stderr, timeout)
         finally:
             cluster.stop()
@@ -169,12 +197,12 @@ def submit(video: str, prompt: str | None, priority: int | None, wait_: bool, js
            redis_url: str | None, timeout: float | None, annotate: Path | None,
            contact_sheet: Path | None) -> None:
     """Submit a job to a running cluster; prints its id."""
-    from .client import Client
-
-    client = Client(settings=_settings(redis_url=redis_url))
+    client = _cluster(redis_url)
     job = client.submit(video, prompt=prompt, priority=priority)
     click.echo(job.id)
     if wait_ or json_out is not None or annotate is not None or contact_sheet is not None:
+        from .progress import follow
+
         report = follow(job, sys.stderr, timeout)
         render(Path(video), report, annotate, contact_sheet)
         finish(report, json_out)
@@ -186,9 +214,7 @@ def submit(video: str, prompt: str | None, priority: int | None, wait_: bool, js
 @handles_errors
 def status(job_id: str, redis_url: str | None) -> None:
     """Print a job's state and progress as JSON."""
-    from .client import Client
-
-    click.echo(Client(settings=_settings(redis_url=redis_url)).job(job_id).status().model_dump_json())
+    click.echo(_cluster(redis_url).job(job_id).status().model_dump_json())
 
 
 @main.command()
@@ -197,9 +223,7 @@ def status(job_id: str, redis_url: str | None) -> None:
 @handles_errors
 def cancel(job_id: str, redis_url: str | None) -> None:
     """Cancel a job: pending tasks are revoked, running ones stop at their next step."""
-    from .client import Client
-
-    job = Client(settings=_settings(redis_url=redis_url)).job(job_id)
+    job = _cluster(redis_url).job(job_id)
     click.echo(f"job {job_id}: " + ("cancelled" if job.cancel() else "already ended"))
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError
 
 STAGE2_CONCURRENCY_RANGE = (2, 3)
 """Per-worker VLM requests in flight the VRAM budget allows (≈5 GB weights + 1–2 GB each)."""
@@ -219,11 +221,22 @@ def timeout_problems(s: Settings) -> list[str]:
 _current: Settings | None = None
 
 
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment with ``overrides`` on top; an invalid value raises
+    ConfigError naming the setting (one line, not pydantic's report)."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise ConfigError(f"invalid setting ZROACT_{where.upper()}: {first['msg']}") from exc
+
+
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment (or set by ``use_settings``)."""
     global _current
     if _current is None:
-        _current = Settings()
+        _current = load_settings()
     return _current
 
 

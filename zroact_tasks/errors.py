@@ -14,6 +14,7 @@
     │   ├── LabelsError            the labels file is unreadable or its count differs from C
     │   └── PromptError            the prompt is empty or too long
     ├── ConfigError                a setting is invalid (e.g. Stage 2 concurrency outside 2–3)
+    ├── ClusterUnavailableError    the cluster's Redis does not answer
     ├── FrameMissingError          a frame is not in the store (expired, deleted, cancelled)
     ├── PoisonTaskError            a task killed its worker on every delivery; not run again
     ├── VLMError                   Stage 2 failed
@@ -91,6 +92,10 @@ class PromptError(InputError):
 
 class ConfigError(ZroactError):
     """A setting has a value zroact refuses to run with."""
+
+
+class ClusterUnavailableError(ZroactError):
+    """The cluster's Redis does not answer (down, wrong URL or password)."""
 
 
 class FrameMissingError(ZroactError):

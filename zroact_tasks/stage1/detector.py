@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from ..config import Settings
-from ..errors import LabelsError, ModelError
+from ..errors import ConfigError, LabelsError, ModelError
 from .registry import ModelInfo, files_digest
 
 log = logging.getLogger(__name__)
@@ -79,12 +79,23 @@ def _static(dim: object) -> int | None:
     return dim if isinstance(dim, int) and dim > 0 else None
 
 
+def import_onnxruntime():
+    """onnxruntime, imported only where Stage 1 runs; missing, it is a setup error that says
+    which extra installs it (the two wheels share one module and must never be both there)."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ConfigError("onnxruntime is not installed: pip install 'zroact[cpu]' (or "
+                          "'zroact[gpu]' on a CUDA machine) where Stage 1 runs") from exc
+    return onnxruntime
+
+
 class OnnxDetector:
     """An onnxruntime session over a YOWOv3-layout model: CUDA first, CPU where no GPU is."""
 
     def __init__(self, model: Path | None, labels: Path | None = None,
                  clip_length: int | None = None) -> None:
-        import onnxruntime as ort  # imported here: only Stage 1 processes need it
+        ort = import_onnxruntime()
 
         if model is None:
             raise ModelError("ZROACT_MODEL", "no Stage 1 model configured")
