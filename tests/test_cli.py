@@ -305,9 +305,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def assert_one_line(res, code: int, *words: str) -> str:
-    """The command failed with ``code`` and one stderr line (no traceback) holding ``words``."""
-    lines = res.stderr.strip().splitlines()
+def assert_one_line(res, code: int, *words: str, progress: tuple[str, ...] = ()) -> str:
+    """The command failed with ``code`` and one stderr line (no traceback) holding ``words``;
+    lines starting with one of ``progress`` (what the command printed before failing) aside."""
+    lines = [line for line in res.stderr.strip().splitlines() if not line.startswith(progress)]
     assert res.returncode == code, (res.returncode, res.stderr)
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     assert all(w in lines[0] for w in words), lines[0]
@@ -346,3 +347,13 @@ def test_stage1_without_onnxruntime_names_the_extra_to_install(assets, tmp_path)
     env = {"PYTHONPATH": os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])}
     res = zroact("run", assets["short_video"], "--model", assets["model"], env=env)
     assert_one_line(res, 2, "onnxruntime is not installed", "zroact[cpu]", "zroact[gpu]")
+
+
+def test_run_with_a_vlm_that_does_not_answer_is_exit_2_before_the_job(assets):
+    url = f"http://127.0.0.1:{_free_port()}"
+    res = zroact("run", assets["short_video"], "--model", assets["model"], "--vlm-url", url,
+                 timeout=60)
+    line = assert_one_line(res, 2, f"the VLM at {url} does not answer", "--vlm-url",
+                           progress=("stage 1 model: ",))
+    assert "submitted" not in res.stderr  # no job was started
+    assert "unreachable" in line

@@ -248,7 +248,9 @@ def test_vlm_down_with_default_retries_ends_the_job_with_errors(redis_server, as
         down.times.clear()  # the Stage 2 worker's capacity probe at start-up is not the job's
         report = client.submit(assets["short_video"]).wait(timeout=120)
         validate_report(report.model_dump(mode="json"))
-        assert report.status == "completed_with_errors"
+        # Its one slot failed: nothing came of the job, so it failed (its Stage 1 results kept).
+        assert report.status == "failed" and report.stage2.status == "failed"
+        assert report.error.type == "AllSlotsFailed" and "unreachable" in report.error.message
         assert report.slots[0].error.startswith(f"VLM at {down.url} unreachable")
         assert all(k.detections for k in report.keyframes)  # Stage 1 results are kept
         gaps = [round(b - a, 2) for a, b in zip(down.times, down.times[1:])]

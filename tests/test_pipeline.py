@@ -110,6 +110,10 @@ def test_cancel_revokes_the_job_and_deletes_its_frames(client, standin, assets):
         judges_before = assert_revoked_after(recorder, job.id, returned_at)
     assert report.status == "cancelled"
     validate_report(report.model_dump(mode="json"))
+    # It says it was cancelled, not that Stage 1 failed or the file was short.
+    assert report.stage2.status == "cancelled" and report.warnings == []
+    unjudged = [s.error for s in report.slots if s.verdict is None]  # (none if ingest had not
+    assert all(e == "cancelled" for e in unjudged), unjudged  # counted the keyframes yet)
     # Every VLM request came from a judge already running at the cancel.
     assert 1 <= len(standin.requests) - first <= judges_before
     r = redis.Redis.from_url(client.settings.redis_url)
@@ -126,6 +130,7 @@ def test_bad_video_fails_the_job_with_the_reason(client, tmp_path):
     assert report.status == "failed"
     assert report.error.type == "VideoDecodeError" and report.error.input_error
     assert str(bad) in report.error.message
+    assert report.stage2.status == "not_run"
     validate_report(report.model_dump(mode="json"))
 
 

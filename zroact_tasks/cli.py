@@ -91,6 +91,25 @@ def check_model_isolated(settings: Settings):
         return pool.submit(check_model, settings).result()
 
 
+def check_vlm(settings: Settings) -> str:
+    """The VLM answers its model list before a local job starts (a wrong ``--vlm-url`` would
+    otherwise cost every slot its retries); its description."""
+    from .errors import VLMError
+    from .stage2.vlm import VLMClient
+
+    client = VLMClient(settings.vlm_url, model=settings.vlm_model, timeout_s=5, max_retries=0,
+                       backoff_max_s=0.1, max_tokens=settings.vlm_max_tokens)
+    try:
+        server = client.server
+    except VLMError as exc:
+        raise ConfigError(f"the VLM at {settings.vlm_url} does not answer ({exc}): start it, "
+                          "fix --vlm-url, or leave it out to skip Stage 2") from exc
+    finally:
+        client.close()
+    context = f", context {server.max_model_len} tokens" if server.max_model_len else ""
+    return f"{server.model} ({server.rule.name} image tokens{context})"
+
+
 def render(video: Path, report: JobReport, annotate: Path | None, sheet: Path | None) -> None:
     """Draw the report when asked (needs the video on this machine and a decoded video)."""
     if (annotate is None and sheet is None) or report.video is None:
@@ -160,6 +179,8 @@ def run(video: Path, model: Path | None, labels: Path | None, vlm_url: str | Non
     probe(path, max_pixels=settings.max_pixels, max_frames=settings.max_frames,
           max_duration_s=settings.max_duration_s)
     click.echo(f"stage 1 model: {check_model_isolated(settings)[0]}", err=True)
+    if settings.vlm_url is not None:
+        click.echo(f"stage 2 model: {check_vlm(settings)}", err=True)
     env = {f"ZROACT_{k.upper()}": str(v) for k, v in
            {"model": settings.model, "labels": settings.labels, "vlm_url": settings.vlm_url,
             "vlm_model": settings.vlm_model}.items() if v is not None}

@@ -82,7 +82,11 @@ class VideoInfo(BaseModel):
 
 
 class Stage2Info(BaseModel):
-    status: Literal["done", "skipped"]
+    status: Literal["done", "skipped", "cancelled", "not_run", "failed", "stopped"]
+    """``done``: every slot went through Stage 2; ``skipped``: no VLM configured; ``cancelled``:
+    the job was cancelled; ``not_run``: the job failed before any slot reached Stage 2;
+    ``failed``: requests were made and none gave a verdict; ``stopped``: the job failed after
+    some verdicts."""
     model: str | None = None
     reason: str | None = None
 

@@ -197,6 +197,7 @@ class Reconciler:
         return [f"ingest:{c}" for c in missing]
 
     def _repair_slots(self, job_id: str, meta: dict) -> list[str]:
+        from .report import stage1_slot_error  # noqa: PLC0415
         from .tasks import pump, record_group, release_slot, slot_params  # noqa: PLC0415
 
         jobs, settings = resources.jobs(), self.settings
@@ -220,9 +221,7 @@ class Reconciler:
             if all(k in kf for k in keyframes):  # Stage 1 is done: its body was lost
                 failed = [kf[k] for k in keyframes if kf[k].get("error")]
                 if failed:
-                    record_group(job_id, slot, {"error": f"stage 1 failed on frame "
-                                                         f"{failed[0]['keyframe']}: "
-                                                         f"{failed[0]['error']}"}, keyframes)
+                    record_group(job_id, slot, {"error": stage1_slot_error(failed[0])}, keyframes)
                 elif judge:
                     detections = {str(k): kf[k]["detections"] for k in keyframes}
                     pipeline.send_judge(self.app, job_id, slot, keyframes, detections,

@@ -22,6 +22,45 @@ def _span(records: list[dict]) -> float:
     return round(max(ends) - min(starts), 4) if starts and ends else 0.0
 
 
+STAGE2_REASONS = {
+    "skipped": "no VLM URL configured (ZROACT_VLM_URL / --vlm-url)",
+    "not_run": "the job ended before any slot reached Stage 2",
+    "failed": "no request to the VLM gave a verdict (each slot's error says why)",
+}
+
+
+def stage1_slot_error(failed: dict) -> str:
+    """A slot's error from its first failed keyframe; a cancel is not a Stage 1 failure."""
+    if failed["error"] == "cancelled":
+        return "cancelled"
+    return f"stage 1 failed on frame {failed['keyframe']}: {failed['error']}"
+
+
+def _nothing_worked(keyframes: list[Keyframe], slots: list[SlotResult], stage2: bool) -> bool:
+    """Every slot failed (with Stage 2), or every keyframe (without): the job produced nothing."""
+    if stage2 and slots:
+        return all(s.verdict is None for s in slots)
+    return bool(keyframes) and all(k.error for k in keyframes)
+
+
+def _stage2_status(job_status: str, switch: str | None, records: list[dict],
+                   slots: list[SlotResult]) -> str:
+    """``skipped`` (no VLM), ``cancelled``, ``not_run`` (the job ended before any slot reached
+    Stage 2), ``failed`` (requests made, no verdict), ``stopped`` (a failed job, some verdicts),
+    else ``done``. ``switch``: the job's Stage 2 flag, None if it ended before ingest set it."""
+    if job_status == "cancelled":
+        return "cancelled"
+    if switch is None:
+        return "not_run"
+    if switch != "true":
+        return "skipped"
+    if not records:
+        return "not_run" if job_status == "failed" else "done"
+    if not any(s.verdict is not None for s in slots):
+        return "failed"
+    return "stopped" if job_status == "failed" else "done"
+
+
 def build_report(job_id: str, meta: dict[str, str], kf_records: dict[int, dict],
                  groups: dict[int, dict]) -> JobReport:
     """The report from the job's meta hash, its Stage 1 records and its group records."""
@@ -56,20 +95,26 @@ def build_report(job_id: str, meta: dict[str, str], kf_records: dict[int, dict],
     stage2_enabled = meta.get("stage2") == "true"
     stage2_records = [g for g in groups.values() if g.get("stage2")]
     models = {g["model"] for g in stage2_records if g.get("model")}
-    stage2 = Stage2Info(
-        status="done" if stage2_enabled else "skipped",
-        model=next(iter(models)) if models else None,
-        reason=None if stage2_enabled else "no VLM URL configured (ZROACT_VLM_URL / --vlm-url)",
-    )
 
     if abort == "cancelled":
         status = "cancelled"
+    elif error is None and _nothing_worked(keyframes, slots, stage2_enabled):
+        status = "failed"  # no verdict at all (e.g. the VLM never answered): not a partial result
+        first = next((s.error for s in slots if s.error), None) or next(
+            (k.error for k in keyframes if k.error), "no result")
+        error = JobError(type="AllSlotsFailed",
+                         message=f"every slot failed; the first: {first}")
     elif error is not None:
         status = "failed"
     elif any(k.error for k in keyframes) or any(s.error for s in slots):
         status = "completed_with_errors"
     else:
         status = "succeeded"
+
+    stage2_status = _stage2_status(status, meta.get("stage2"), stage2_records, slots)
+    stage2 = Stage2Info(
+        status=stage2_status, model=next(iter(models)) if models else None,
+        reason=STAGE2_REASONS.get(stage2_status))
 
     now = time.time()
     timings = {"total": round(now - spec["submitted_at"], 4)}

@@ -17,7 +17,7 @@ from ..redisconn import TRANSIENT_ERRORS
 from ..stage1 import registry
 from . import deadlines  # noqa: F401  (connects the deadline sweeper to control workers)
 from .ingest import Plan, ingest_chunk, keyframes_total, plan
-from .report import build_report
+from .report import build_report, stage1_slot_error
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def finish_ingest(spec: JobSpec, meta: dict) -> None:
     slots = clips.job_slots(total, spec.slot_size, spec.keyframe_stride)
     frames = max(end_frame, total * spec.keyframe_stride)
     warnings = []
-    if job_plan.declared_frames and frames < job_plan.declared_frames:
+    if job_plan.declared_frames and frames < job_plan.declared_frames and "abort" not in meta:
         warnings.append(f"decoded {frames} of {job_plan.declared_frames} frames")
     info = VideoInfo(frames=frames, fps=job_plan.fps, width=job_plan.width, height=job_plan.height)
     stage2 = meta.get("stage2") == "true"
@@ -203,9 +203,7 @@ def slot_ready(header: list[list[dict]], job_id: str, slot: int, keyframes: list
     failed = [r for r in results if r.get("error")]
     sent = False
     if failed:
-        first = failed[0]
-        record_group(job_id, slot, {"error": f"stage 1 failed on frame {first['keyframe']}: "
-                                             f"{first['error']}"}, keyframes)
+        record_group(job_id, slot, {"error": stage1_slot_error(failed[0])}, keyframes)
     elif judge and "abort" not in meta:
         detections = {str(r["keyframe"]): r["detections"] for r in results}
         priority = JobSpec.model_validate_json(meta["spec"]).priority
