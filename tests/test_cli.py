@@ -26,14 +26,18 @@ def last_line(text: str) -> str:
 
 
 def test_run_on_the_embedded_default(assets, standin, tmp_path):
-    out = tmp_path / "report.json"
+    out, tmp = tmp_path / "report.json", tmp_path / "tmp"
+    tmp.mkdir()
     res = zroact("run", assets["video"], "--model", assets["model"], "--labels", assets["labels"],
-                 "--vlm-url", standin.url, "--json", out)
+                 "--vlm-url", standin.url, "--json", out, env={"TMPDIR": str(tmp)})
     assert res.returncode == 0, res.stderr
     assert "succeeded" in res.stdout and "41 keyframes, 13 slots, 13 verdicts" in res.stdout
     report = json.loads(out.read_text())
     validate_report(report)
     assert report["stage2"] == {"status": "done", "model": standin.model, "reason": None}
+    assert f"stage 2 model: {standin.model} (qwen2-vl image tokens, context 8192" in res.stderr
+    # The throwaway cluster leaves nothing behind: its Redis and its workers' logs are gone.
+    assert list(tmp.glob("zroact-*")) == [] and "logs kept" not in res.stderr
 
 
 def test_run_without_a_vlm_skips_stage2(assets, tmp_path):

@@ -189,16 +189,22 @@ def run(video: Path, model: Path | None, labels: Path | None, vlm_url: str | Non
 
         cluster = LocalCluster(server.url, env=env).start()
         client = Client(server.url, settings=settings)
+        report = None
         try:
             cluster.wait_ready(client.app)
             job = client.submit(path, prompt=settings.prompt)
-            click.echo(f"job {job.id} submitted; workers' logs in {cluster.log_dir}", err=True)
+            click.echo(f"job {job.id} submitted", err=True)
             from .progress import follow
 
             report = follow(job, sys.stderr, timeout)
         finally:
             cluster.stop()
             client.close()
+            # The workers' logs go with the throwaway cluster, unless the job went wrong.
+            if report is not None and report.status in ("succeeded", "completed_with_errors"):
+                cluster.remove_logs()
+            else:
+                click.echo(f"workers' logs kept in {cluster.log_dir}", err=True)
     render(path, report, annotate, contact_sheet)
     finish(report, json_out)
 

@@ -150,6 +150,7 @@ class LocalCluster:
                  log_dir: Path | None = None, supervise: bool = True) -> None:
         self.redis_url = redis_url
         self.env = {**os.environ, **(env or {}), "ZROACT_REDIS_URL": redis_url}
+        self._own_logs = log_dir is None
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="zroact-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.workers: list[WorkerProcess] = []
@@ -206,6 +207,11 @@ class LocalCluster:
             worker.signal(signal.SIGTERM)
         for worker in self.workers:
             worker.stop()
+
+    def remove_logs(self) -> None:
+        """Delete the log folder this cluster made itself (after ``stop``; a given one stays)."""
+        if self._own_logs:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def logs(self) -> str:
         return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')}" for p in sorted(self.log_dir.glob("*.log")))
