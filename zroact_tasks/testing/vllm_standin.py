@@ -22,6 +22,11 @@ Shapes were taken from the vllm-project/vllm sources:
 * ``At most N image(s) may be provided in one prompt.`` is vLLM's multimodal limit message
   (``validate_num_items`` in ``vllm/multimodal``); metric names and help texts follow
   ``vllm/v1/metrics/loggers.py``.
+* The image path of ``nested`` was checked against a real vLLM 0.32 serving a Qwen2.5-VL
+  (tests/test_vllm_contract.py): images cost the prompt tokens of the served model's family
+  (``stage2.image_tokens.rule_for(root)``), a prompt past ``max_model_len`` is a 400 ``Input
+  length (N) exceeds model's maximum context length (M).``, and bad image parts are refused
+  with vLLM's status and wording.
 
 Known simplifications are listed in :data:`DIFFERENCES`.
 
