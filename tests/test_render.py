@@ -65,3 +65,53 @@ def test_annotated_video_keeps_every_frame_and_draws_boxes(report, assets, tmp_p
                 assert text_match(frames[index], other.verdict.reason)[0] < 0.8, (slot.slot, index)
     for index in (slots[0].keyframes[0] - 1, slots[-1].keyframes[-1] + 10, report.video.frames - 1):
         assert max(text_match(frames[index], s.verdict.reason)[0] for s in slots) < 0.8, index
+
+
+def test_the_annotated_video_plays_in_a_real_browser(report, assets, tmp_path):
+    """Headless Chromium (Debian's) loads the annotated MP4, decodes it at the video's size and
+    plays it: what a user opening ``--annotate OUT.mp4`` in a browser gets."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    from .helpers import skip_unless_ci
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        skip_unless_ci("no chromium / chromedriver (apt install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    annotate_video(assets["video"], report, tmp_path / "a.mp4")
+    (tmp_path / "index.html").write_text('<video id="v" src="a.mp4" muted playsinline></video>')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.set_script_timeout(30)
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/index.html")
+        state = driver.execute_async_script("""
+            const done = arguments[arguments.length - 1], v = document.getElementById('v');
+            const report = () => done({ready: v.readyState, width: v.videoWidth,
+                height: v.videoHeight, time: v.currentTime,
+                error: v.error ? v.error.code + ' ' + v.error.message : null});
+            v.onerror = report;
+            v.play().catch(e => done({error: String(e)}));
+            const poll = setInterval(() => {
+                if (v.currentTime > 0.5) { clearInterval(poll); report(); }
+            }, 50);
+            setTimeout(() => { clearInterval(poll); report(); }, 20000);
+        """)
+    finally:
+        driver.quit()
+        server.shutdown()
+    assert state["error"] is None, state
+    assert state["ready"] >= 2 and state["time"] > 0.5, state  # decoded frames, and playing
+    assert (state["width"], state["height"]) == (report.video.width, report.video.height), state
