@@ -344,6 +344,59 @@ def test_the_app_refuses_to_start_without_media_root_or_token(media, tmp_path):
     create_app(Settings(media_root=media, api_auth_disabled=True))  # explicitly open: allowed
 
 
+def test_an_upload_dir_it_cannot_write_stops_the_start_and_a_lost_one_is_a_500():
+    """Issue 15, defect 1: the start check writes a file in MEDIA_ROOT/uploads (mode bits, which
+    os.access reads, can say yes where creating a file fails) and refuses in one line; an upload
+    that cannot be stored for a setup reason is a 500 that says so, not 507 (no space)."""
+    with tempfile.TemporaryDirectory() as top:  # not under pytest's 0700 tmp: uid 10001 reads it
+        os.chmod(top, 0o755)
+        _upload_dir_checks(Path(top) / "media")
+
+
+def _upload_dir_checks(root: Path) -> None:
+    (root / UPLOAD_DIR).mkdir(parents=True)
+    os.chmod(root, 0o755)
+    os.chmod(root / UPLOAD_DIR, 0o755)
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", media_root=root,
+                        api_token=TOKEN, redis_retry_s=1)
+    create_app(settings)  # writable here: it starts (and leaves no probe file behind)
+    assert os.listdir(root / UPLOAD_DIR) == []
+    if os.geteuid() == 0:
+        # As the image's uid, with os.access saying yes: the write still fails, the check sees it.
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                os.close(read)
+                os.setgid(10001)
+                os.setuid(10001)
+                os.access = lambda *_a, **_k: True
+                try:
+                    create_app(settings)
+                    message = "started"
+                except ConfigError as exc:
+                    message = str(exc)
+                except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                    message = f"{type(exc).__name__}: {exc}"
+                os.write(write, message.encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            message = pipe.read().decode()
+        os.waitpid(pid, 0)
+        assert message.startswith(f"cannot write in the upload directory {root / UPLOAD_DIR} as "
+                                  "uid 10001: Permission denied"), message
+        assert "\n" not in message
+    with serving(settings) as url:
+        shutil.rmtree(root / UPLOAD_DIR)  # the directory is gone after the start
+        resp = httpx.post(url + "/v1/jobs", headers=AUTH, timeout=30,
+                          files={"video": ("a.mp4", b"x" * 1000)})
+    assert resp.status_code == 500, resp.text
+    assert resp.json() == {"detail": f"server setup error: cannot store uploads in "
+                                     f"MEDIA_ROOT/{UPLOAD_DIR}: No such file or directory"}
+
+
 def test_auth_disabled_explicitly_serves_without_a_token(api_settings):
     settings = api_settings.model_copy(update={"api_token": None, "api_auth_disabled": True})
     with serving(settings) as url:

@@ -38,6 +38,11 @@ SCHEMA = Path(__file__).resolve().parent / "data" / "compose-spec.json"  # vendo
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 GPU_SERVICES = ("vllm", "stage1")
+# .env.example leaves these empty (so nothing starts with a published secret): the tests fill them.
+SECRETS = ("REDIS_PASSWORD", "API_TOKEN", "FLOWER_BASIC_AUTH")
+TEST_SECRETS = {"REDIS_PASSWORD": "5f0c1d2e3a4b5c6d7e8f90a1b2c3d4e5",
+                "API_TOKEN": "9a8b7c6d5e4f30211f2e3d4c5b6a7980",
+                "FLOWER_BASIC_AUTH": "admin:3c4d5e6f7a8b9c0d"}
 SHARED_SETTINGS = ("ZROACT_REDIS_URL", "ZROACT_VISIBILITY_TIMEOUT_S", "ZROACT_RESULT_TTL_S")
 
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}, $NAME and $$.
@@ -92,8 +97,13 @@ def raw_compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+def filled_env() -> dict[str, str]:
+    """.env.example with its secrets set, as a user's .env is."""
+    return read_env_file(ENV_EXAMPLE) | TEST_SECRETS
+
+
 def resolved_compose() -> dict:
-    return interpolate(raw_compose(), read_env_file(ENV_EXAMPLE))
+    return interpolate(raw_compose(), filled_env())
 
 
 def environment(service: dict) -> dict[str, str]:
@@ -172,12 +182,23 @@ def is_pinned(image: str) -> bool:
 
 
 def mounts(service: dict) -> list[tuple[str, str, str]]:
-    """(source, target, mode) of each short-syntax volume."""
+    """(source, target, mode) of each volume, short or long syntax."""
     out = []
     for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            out.append((volume.get("source", ""), volume["target"],
+                        "ro" if volume.get("read_only") else "rw"))
+            continue
         source, target, *mode = volume.split(":")
         out.append((source, target, mode[0] if mode else "rw"))
     return out
+
+
+def bind_mounts(service: dict) -> list[tuple[str, str, str]]:
+    """The long-syntax bind mounts (a missing source is an error, not a new directory)."""
+    return [(v["source"], v["target"], "ro" if v.get("read_only") else "rw")
+            for v in service.get("volumes", [])
+            if isinstance(v, dict) and v.get("type") == "bind"]
 
 
 def flag_value(words: list[str], flag: str) -> str | None:
@@ -280,19 +301,35 @@ def api_problems(compose: dict) -> list[str]:
     env, problems = environment(api), []
     if as_list(api.get("entrypoint")) + as_list(api.get("command")) != API_COMMAND:
         problems.append(f"api does not run {' '.join(API_COMMAND)}")
-    if api.get("image") != control.get("image") or api.get("build") != control.get("build"):
+    if api.get("image") != control.get("image"):
         problems.append("api does not run the control image")
     root = env.get("ZROACT_MEDIA_ROOT")
     if root != environment(control).get("ZROACT_MEDIA_ROOT"):
         problems.append("api and control see the media under different roots")
-    if ("media", root, "rw") not in mounts(api):
-        problems.append("api: the media volume is not mounted read-write at its MEDIA_ROOT")
+    media = [m for m in bind_mounts(control) if m[1] == root]
+    if not media or (media[0][0], root, "rw") not in bind_mounts(api):
+        problems.append("api: MEDIA_DIR is not bound read-write at its MEDIA_ROOT")
     if not env.get("ZROACT_API_TOKEN"):
         problems.append("api: no ZROACT_API_TOKEN")
     if env.get("ZROACT_API_AUTH_DISABLED", "false").lower() not in ("", "0", "false", "no", "off"):
         problems.append("api: authentication disabled")
     if not any(str(port).endswith(":8080") for port in api.get("ports", [])):
         problems.append("api: port 8080 is not published")
+    return problems
+
+
+def build_once_problems(compose: dict) -> list[str]:
+    """Each image tag is built by one service (the others that run it only name it)."""
+    builders: dict[str, list[str]] = {}
+    for name, service in compose["services"].items():
+        if "build" in service:
+            builders.setdefault(service.get("image", name), []).append(name)
+    problems = [f"{image} is built by {', '.join(names)}"
+                for image, names in builders.items() if len(names) > 1]
+    for name, service in compose["services"].items():
+        if "build" not in service and service.get("image") in builders \
+                and service.get("pull_policy") != "never":
+            problems.append(f"{name} runs the built {service['image']} but may pull it")
     return problems
 
 
@@ -321,23 +358,42 @@ def _docker_compose(*args: str, env_file: Path, compose_file: Path = COMPOSE) ->
     if binary is None:
         skip_unless_ci("docker-compose is not installed (apt-get install docker-compose)")
     # Only the env file decides: variables of this shell would override it.
-    env = {k: v for k, v in os.environ.items() if k not in read_env_file(ENV_EXAMPLE)}
+    env = {k: v for k, v in os.environ.items() if k not in filled_env()}
     return subprocess.run([binary, "--env-file", str(env_file), "-f", str(compose_file), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_docker_compose_config_accepts_it():
-    result = _docker_compose("config", "-q", env_file=ENV_EXAMPLE)
+def write_env(path: Path, env: dict[str, str]) -> Path:
+    path.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    return path
+
+
+@pytest.fixture()
+def filled_env_file(tmp_path) -> Path:
+    return write_env(tmp_path / "filled.env", filled_env())
+
+
+def test_docker_compose_config_accepts_it(filled_env_file):
+    result = _docker_compose("config", "-q", env_file=filled_env_file)
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("secret", ["REDIS_PASSWORD", "API_TOKEN"])
+@pytest.mark.parametrize("secret", SECRETS)
 def test_docker_compose_refuses_to_start_without_a_secret(tmp_path, secret):
-    env_file = tmp_path / "env"
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in read_env_file(ENV_EXAMPLE).items()
-                                if k != secret))
+    env_file = write_env(tmp_path / "env", {k: v for k, v in filled_env().items() if k != secret})
     result = _docker_compose("config", "-q", env_file=env_file)
-    assert result.returncode != 0 and secret in result.stderr
+    assert result.returncode != 0 and f"set {secret}" in result.stderr
+
+
+def test_env_example_publishes_no_secret_and_starts_nothing_as_shipped():
+    """Issue 15, defect 5: a placeholder would pass the `:?` checks and run with a secret anyone
+    can read here; empty, Compose refuses every service until .env sets it."""
+    env_example = read_env_file(ENV_EXAMPLE)
+    for secret in SECRETS:
+        assert env_example[secret] == "", secret
+        assert f"${{{secret}:?" in COMPOSE.read_text(), secret
+    result = _docker_compose("config", "-q", env_file=ENV_EXAMPLE)
+    assert result.returncode != 0 and "set REDIS_PASSWORD" in result.stderr, result.stderr
 
 
 def test_env_example_defines_exactly_the_variables_the_compose_file_uses():
@@ -380,7 +436,7 @@ def test_scalable_services_have_no_fixed_name_or_port():
 
 def test_every_zroact_process_shares_the_cluster_settings():
     compose = resolved_compose()
-    env_example = read_env_file(ENV_EXAMPLE)
+    env_example = filled_env()
     zroact = {n: environment(s) for n, s in compose["services"].items()
               if any(k.startswith("ZROACT_") for k in environment(s))}
     assert set(zroact) == {"stage1", "stage2", "control", "flower", "api", "metrics"}
@@ -405,8 +461,13 @@ def test_control_reads_videos_under_its_media_root():
     compose = resolved_compose()
     control = compose["services"]["control"]
     root = environment(control)["ZROACT_MEDIA_ROOT"]
-    assert ("media", root, "ro") in mounts(control)
-    assert "media" in compose["volumes"]
+    # A plain bind of MEDIA_DIR (a named volume with bind options kept its first path: issue 15)
+    assert (filled_env()["MEDIA_DIR"], root, "ro") in bind_mounts(control)
+    assert "media" not in (compose.get("volumes") or {})
+    raw = raw_compose()["services"]
+    for name in ("control", "api"):
+        source = [v for v in raw[name]["volumes"] if isinstance(v, dict)][0]["source"]
+        assert source.startswith("${MEDIA_DIR:?"), name
     assert environment(control).get("ZROACT_VLM_URL") == \
         environment(compose["services"]["stage2"])["ZROACT_VLM_URL"]
 
@@ -414,6 +475,7 @@ def test_control_reads_videos_under_its_media_root():
 def test_api_serves_uploads_into_the_media_volume_with_a_required_token():
     compose = resolved_compose()
     assert api_problems(compose) == []
+    assert build_once_problems(compose) == []
     raw = environment(raw_compose()["services"]["api"])
     assert raw["ZROACT_API_TOKEN"].startswith("${API_TOKEN:?")  # from .env, no default
     api = compose["services"]["api"]
@@ -507,7 +569,10 @@ def test_redis_keeps_an_append_only_file_and_requires_the_password():
     assert any(target == "/data" for _, target, _ in mounts(redis))
     check = " ".join(redis["healthcheck"]["test"])
     assert "redis-cli" in check and "ping" in check and " -a " not in check
-    assert environment(redis)["REDISCLI_AUTH"] == read_env_file(ENV_EXAMPLE)["REDIS_PASSWORD"]
+    assert environment(redis)["REDISCLI_AUTH"] == filled_env()["REDIS_PASSWORD"]
+    # Not root, whatever the image's entrypoint does (it drops privileges only for a first
+    # argument redis-server, and this command is sh -c).
+    assert str(redis.get("user", "root")).split(":")[0] not in ("root", "0")
 
 
 def test_flower_has_basic_auth_and_keeps_its_state():
@@ -589,6 +654,9 @@ def _broken(edit) -> dict:
     (stage2_budget_problems, lambda s: s["stage2"]["environment"].update(ZROACT_VLM_MODEL="other")),
     (api_problems, lambda s: s.pop("api")),
     (api_problems, lambda s: s["api"].update(volumes=["media:/media:ro"])),
+    (api_problems, lambda s: s["api"]["volumes"][0].update(read_only=True)),
+    (build_once_problems, lambda s: s["api"].update(build=s["control"]["build"])),
+    (build_once_problems, lambda s: s["metrics"].pop("pull_policy")),
     (api_problems, lambda s: s["api"]["environment"].update(ZROACT_MEDIA_ROOT="/data")),
     (api_problems, lambda s: s["api"]["environment"].update(ZROACT_API_AUTH_DISABLED="true")),
     (api_problems, lambda s: s["api"]["environment"].pop("ZROACT_API_TOKEN")),
@@ -615,14 +683,14 @@ def test_schema_catches_a_broken_compose_file(edit):
     assert schema_problems(_raw_broken(edit)) != []
 
 
-def test_docker_compose_refuses_a_broken_compose_file(tmp_path):
+def test_docker_compose_refuses_a_broken_compose_file(tmp_path, filled_env_file):
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(yaml.safe_dump(_raw_broken(lambda s: s["control"].update(replicas=2))))
-    result = _docker_compose("config", "-q", env_file=ENV_EXAMPLE, compose_file=broken)
+    result = _docker_compose("config", "-q", env_file=filled_env_file, compose_file=broken)
     assert result.returncode != 0 and "replicas" in result.stderr, result.stderr
     # The same file unbroken passes: what failed was the edit, not the copy.
     broken.write_text(yaml.safe_dump(raw_compose()))
-    result = _docker_compose("config", "-q", env_file=ENV_EXAMPLE, compose_file=broken)
+    result = _docker_compose("config", "-q", env_file=filled_env_file, compose_file=broken)
     assert result.returncode == 0, result.stderr
 
 
@@ -635,3 +703,45 @@ def test_docker_compose_refuses_a_broken_compose_file(tmp_path):
 ])
 def test_secret_checker_catches_a_literal(text):
     assert literal_secret_problems(text, {}) != []
+
+
+# --- issue 15: what the compose smoke test (scripts/compose-smoke.sh) found ----------------------
+
+def test_images_give_their_user_a_home_and_stage2_knows_its_vlm_is_shared():
+    for role in ("control", "stage1", "stage2", "flower"):
+        text = (ROOT / "workers" / role / "Dockerfile").read_text()
+        assert "useradd" in text and "--no-create-home" not in text, role
+        assert "--create-home" in text, role
+    stage2 = environment(resolved_compose()["services"]["stage2"])
+    assert int(stage2["ZROACT_STAGE2_WORKERS_PER_VLM"]) >= 1
+    assert stage2["ZROACT_VLM_MAX_NUM_SEQS"] == \
+        flag_value(as_list(resolved_compose()["services"]["vllm"]["command"]), "--max-num-seqs")
+
+
+def test_stage1_dockerfile_has_a_cpu_variant_the_smoke_builds():
+    text = (ROOT / "workers" / "stage1" / "Dockerfile").read_text()
+    assert "ARG DEVICE=gpu" in text and '"/tmp/src[cpu]"' in text
+    class Loader(yaml.SafeLoader):  # Compose v2's !reset / !override tags, read as plain values
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, _tag, node: (
+        loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode)
+        else loader.construct_mapping(node) if isinstance(node, yaml.MappingNode)
+        else loader.construct_scalar(node)))
+    override = yaml.load((ROOT / "scripts" / "compose" / "smoke.override.yml").read_text(), Loader)
+    build = override["services"]["stage1"]["build"]
+    assert build["args"]["DEVICE"] == "cpu" and "dockerfile" not in build  # the shipped file
+
+
+def test_docs_list_every_service_and_what_down_v_deletes():
+    docs = (ROOT / "docs" / "deployment.md").read_text()
+    for name in raw_compose()["services"]:
+        assert re.search(rf"^\| `{name}` \|", docs, re.M), f"docs/deployment.md: no row for {name}"
+    assert "down -v" in docs
+    for volume in raw_compose()["volumes"]:
+        assert volume in docs, volume
+
+
+def test_gitignore_keeps_models_and_builds_out():
+    lines = (ROOT / ".gitignore").read_text().split()
+    assert {"models/", "build/", ".env"} <= set(lines)

@@ -6,9 +6,14 @@
 #                                    so replicas (`--scale stage1=4`) get distinct Celery names
 #   health                           exit 0 if this container's worker answers a Celery ping
 #   anything else                    run it as given (zroact submit ..., celery inspect ..., sh)
+#
+# WORKER_UNIQUE_NAME=true: the node name is ROLE@<hostname>-<8 random hex digits>, new at each
+# start, for replicas that share one hostname (network_mode: host). It is kept in
+# /tmp/zroact-node-name, where `health` finds it.
 set -eu
 
 role="${WORKER_ROLE:-}"
+name_file=/tmp/zroact-node-name
 
 case "${1:-}" in
     "" | -*)
@@ -16,12 +21,21 @@ case "${1:-}" in
             echo "zroact-entrypoint: WORKER_ROLE is not set (stage1, stage2 or control)" >&2
             exit 2
         fi
-        exec zroact worker "$role" --name "${role}@%h" "$@"
+        name="${role}@%h"
+        if [ "${WORKER_UNIQUE_NAME:-}" = true ]; then
+            name="${role}@$(hostname)-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
+            printf '%s\n' "$name" >"$name_file"
+        fi
+        exec zroact worker "$role" --name "$name" "$@"
         ;;
     health)
         # %h in the node name above is Celery's expansion of the hostname: the same as here.
+        node="${role}@$(hostname)"
+        if [ "${WORKER_UNIQUE_NAME:-}" = true ]; then
+            node="$(cat "$name_file")"
+        fi
         exec celery -A zroact_tasks.app inspect ping \
-            --destination "${role}@$(hostname)" --timeout "${HEALTH_TIMEOUT_S:-10}" >/dev/null
+            --destination "$node" --timeout "${HEALTH_TIMEOUT_S:-10}" >/dev/null
         ;;
     *)
         exec "$@"

@@ -18,6 +18,7 @@ docs/api.md has the details and curl examples.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -125,8 +126,9 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
             404: "No such job (never submitted, or its records expired)",
             413: "Upload over API_MAX_UPLOAD_BYTES, or a form field too large",
             415: "Unsupported Content-Type", 422: "Bad input: video, path, prompt or priority",
+            500: "The server cannot store uploads (a setup error: MEDIA_ROOT/uploads)",
             503: "Redis (job store and broker) unavailable",
-            507: "The upload could not be stored (disk full?)"}
+            507: "The upload could not be stored: no space left (or over a disk quota)"}
     out: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorBody, "description": text[code]} for code in codes}
     if 401 in out:
@@ -343,7 +345,11 @@ class _MultipartReader:
                         await anyio.to_thread.run_sync(self.apply, ops)
                     except OSError as exc:
                         log.error("cannot store upload %s: %s", self.form.upload, exc)
-                        raise Reject(507, f"cannot store the upload: {exc.strerror}") from None
+                        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                            raise Reject(507, f"cannot store the upload: {exc.strerror}") from None
+                        # Not the upload's fault: the upload directory is gone or not writable.
+                        raise Reject(500, "server setup error: cannot store uploads in "
+                                          f"MEDIA_ROOT/{UPLOAD_DIR}: {exc.strerror}") from None
                 if self.ended:
                     break
             parser.finalize()
@@ -413,9 +419,17 @@ def _check_settings(settings: Settings) -> tuple[Path, Path]:
         uploads.mkdir(exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the upload directory {uploads}: {exc.strerror}") from None
-    if not os.access(uploads, os.W_OK | os.X_OK):
-        raise ConfigError(f"the upload directory {uploads} is not writable by this user "
-                          f"(uid {os.getuid()})")
+    # Writing a file is the only test of writing one: os.access checks mode bits against the real
+    # uid, which can pass where creating a file fails (a read-only or root-squashed mount, ACLs,
+    # a directory replaced under a bind mount).
+    probe_file = uploads / f".write-check-{uuid.uuid4().hex}"
+    try:
+        probe_file.open("xb").close()
+        probe_file.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write in the upload directory {uploads} as uid {os.getuid()}: "
+                          f"{exc.strerror} (it must be writable by this uid: docs/deployment.md)"
+                          ) from None
     token = settings.api_token.get_secret_value() if settings.api_token else ""
     if not settings.api_auth_disabled and not token.strip():
         raise ConfigError("the HTTP API needs ZROACT_API_TOKEN (or ZROACT_API_AUTH_DISABLED=true "
@@ -492,7 +506,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1 = APIRouter(prefix="/v1", dependencies=_auth_dependency(settings), tags=["jobs"])
 
     @v1.post("/jobs", status_code=202, response_model=JobAccepted,
-             responses=_errors(400, 401, 413, 415, 422, 503, 507),
+             responses=_errors(400, 401, 413, 415, 422, 500, 503, 507),
              openapi_extra={"requestBody": _submit_body_schema(settings.max_prompt_chars)})
     async def submit_job(request: Request) -> JobAccepted:
         """Submit a job: upload the video (multipart field `video`) or name a `path` under
