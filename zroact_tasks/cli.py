@@ -110,6 +110,19 @@ def check_vlm(settings: Settings) -> str:
     return f"{server.model} ({server.rule.name} image tokens{context})"
 
 
+def event_line(event) -> str | None:
+    """A slot's line for ``--follow`` (keyframe events are for ``--json-lines``)."""
+    if event.kind != "slot":
+        return None
+    slot = event.slot
+    head = f"slot {slot.slot} (frames {', '.join(map(str, slot.keyframes))}):"
+    if slot.verdict is not None:
+        v = slot.verdict
+        return (f"{head} {v.action} | {'confirmed' if v.confirmed else 'not confirmed'} | "
+                f"{v.confidence:.2f} — {v.reason}")
+    return f"{head} error: {slot.error}" if slot.error else f"{head} Stage 1 only"
+
+
 def render(video: Path, report: JobReport, annotate: Path | None, sheet: Path | None) -> None:
     """Draw the report when asked (needs the video on this machine and a decoded video)."""
     if (annotate is None and sheet is None) or report.video is None:
@@ -214,20 +227,32 @@ def run(video: Path, model: Path | None, labels: Path | None, vlm_url: str | Non
 @click.option("--prompt", help="Stage 2 prompt.")
 @click.option("--priority", type=int, default=None, help="0 (most urgent) to 9 [ZROACT_DEFAULT_PRIORITY, 5].")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the report.")
+@click.option("--follow", is_flag=True, help="Print each slot's verdict as it is decided, then wait.")
+@click.option("--json-lines", is_flag=True, help="With --follow: every event as one JSON line.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the report here.")
 @click.option("--redis-url", help="The cluster's Redis [ZROACT_REDIS_URL].")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after this long.")
 @click.option("--annotate", type=click.Path(path_type=Path), help="With --wait: write the annotated video.")
 @click.option("--contact-sheet", type=click.Path(path_type=Path), help="With --wait: write a PNG of the slots.")
 @handles_errors
-def submit(video: str, prompt: str | None, priority: int | None, wait_: bool, json_out: Path | None,
-           redis_url: str | None, timeout: float | None, annotate: Path | None,
-           contact_sheet: Path | None) -> None:
+def submit(video: str, prompt: str | None, priority: int | None, wait_: bool, follow: bool,
+           json_lines: bool, json_out: Path | None, redis_url: str | None, timeout: float | None,
+           annotate: Path | None, contact_sheet: Path | None) -> None:
     """Submit a job to a running cluster; prints its id."""
+    if json_lines and not follow:
+        raise click.UsageError("--json-lines needs --follow")
     client = _cluster(redis_url)
     job = client.submit(video, prompt=prompt, priority=priority)
     click.echo(job.id)
-    if wait_ or json_out is not None or annotate is not None or contact_sheet is not None:
+    if follow:
+        for event in job.events():
+            line = event.model_dump_json() if json_lines else event_line(event)
+            if line is not None:
+                click.echo(line)
+        report = job.report()
+        render(Path(video), report, annotate, contact_sheet)
+        finish(report, json_out)
+    elif wait_ or json_out is not None or annotate is not None or contact_sheet is not None:
         from .progress import follow
 
         report = follow(job, sys.stderr, timeout)

@@ -7,14 +7,16 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
-from . import pipeline
+from . import events, pipeline
 from .app import make_app
 from .config import Settings, get_settings
 from .errors import InputError, JobTimeoutError, PromptError
+from .events import JobEvent
 from .jobstate import JobStore
 from .media.clips import keyframe_indices
 from .models import FINAL_STATES, JobReport, JobSpec, JobStatus
@@ -45,7 +47,8 @@ class Client:
             settings = settings.model_copy(update={"redis_url": redis_url})
         self.settings = settings
         self.app = make_app(settings)
-        self.jobs = JobStore(settings.redis_url, settings.result_ttl_s, settings.redis_retry_s)
+        self.jobs = JobStore(settings.redis_url, settings.result_ttl_s, settings.redis_retry_s,
+                             settings.events_max)
 
     def submit(self, path: str | os.PathLike, prompt: str | None = None,
                priority: int | None = None) -> Job:
@@ -101,6 +104,15 @@ class Job:
         """The report if the job has ended, else None."""
         raw = self._client.jobs.report_json(self.id)
         return JobReport.model_validate_json(raw) if raw else None
+
+    def events(self, since: str | None = None) -> Iterator[JobEvent]:
+        """Each keyframe's and slot's result the moment it is recorded, then the ``end`` event;
+        resume after a disconnect with ``since=`` the last event's ``id`` (nothing lost or
+        repeated). Blocks while the job runs (XREAD BLOCK, no polling of the records)."""
+        r = self._client.jobs.r
+        start = since or events.START
+        return events.follow(r, self.id, start, last_seq=events.seq_of(r, self.id, start),
+                             ended=lambda: self.report() is not None)
 
     def wait(self, timeout: float | None = None) -> JobReport:
         """Block until the job ends: on the result backend's pub/sub (no polling), looking at

@@ -157,6 +157,9 @@ class Settings(BaseSettings):
     """Hard time limit of the short control steps (slot bookkeeping, the report)."""
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     """How long reports and task results stay in Redis."""
+    events_max: int = Field(10_000, ge=100)
+    """Entries kept in a job's event stream (Redis Streams, trimmed approximately): a job's
+    keyframes + slots + 1 fit whole for videos up to ~40 minutes (30 fps, the defaults)."""
     media_root: Path | None = None
     """If set, videos must resolve (symlinks followed) to a path under this directory."""
     max_frames: int = Field(108_000, ge=1)

@@ -43,6 +43,9 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
   if old['verdict'] ~= nil then return 0 end
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
+local seq = redis.call('HINCRBY', KEYS[3], 'event_seq', 1)
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[6], '*', 'seq', seq, 'kind', 'slot', 'data', ARGV[5])
+redis.call('EXPIRE', KEYS[5], ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[3], 'progress_at', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -138,13 +141,23 @@ return {redis.call('SCARD', KEYS[2]), tonumber(redis.call('HGET', KEYS[1], 'chun
 # Record Stage 1 results: an error never replaces a result (a duplicate run of a clip whose
 # frames were already freed fails; the first run's detections stand).
 _RECORD_KEYFRAMES = """
-for i = 3, #ARGV, 3 do
+for i = 4, #ARGV, 3 do
+  local changed = 0
   if ARGV[i + 2] == '1' then
-    redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
+    changed = redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1])
   else
+    local old = redis.call('HGET', KEYS[1], ARGV[i])
+    -- an event for a new result, or one that mends an error; a duplicate result says nothing
+    if not old or cjson.decode(old)['error'] then changed = 1 end
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
+  if changed == 1 then
+    local seq = redis.call('HINCRBY', KEYS[2], 'event_seq', 1)
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'seq', seq, 'kind', 'keyframe',
+               'data', ARGV[i + 1])
+  end
 end
+redis.call('EXPIRE', KEYS[3], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[2], 'progress_at', ARGV[2])
 return 1
@@ -155,6 +168,9 @@ return 1
 _SAVE_REPORT = """
 if redis.call('HSETNX', KEYS[1], 'report', ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'ended_at', ARGV[3])
+local seq = redis.call('HINCRBY', KEYS[1], 'event_seq', 1)
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 'seq', seq, 'kind', 'end', 'data',
+           cjson.encode({status = ARGV[2]}))
 redis.call('ZREM', KEYS[2], ARGV[4])
 redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
 return 1
@@ -166,7 +182,7 @@ RESEND_KINDS = ("ingest", "stage1", "stage2", "finalize", "window", "lost_task")
 """``lost_task``: a message given back from a lost worker; the others: a job's missing step."""
 
 JOB_PARTS = ("", "kf", "groups", "groups_done", "done", "pending", "inflight", "offered",
-             "chunks")
+             "chunks", "events")
 """Every per-job key but the frame store's (which deletes its own)."""
 
 
@@ -174,12 +190,19 @@ def _key(job_id: str, part: str = "") -> str:
     return f"zroact:job:{job_id}" + (f":{part}" if part else "")
 
 
+def events_key(job_id: str) -> str:
+    """The job's Redis Stream of events (events.py): each keyframe's Stage 1 result and each
+    slot's end, as recorded, then the job's end; capped at ``EVENTS_MAX`` entries."""
+    return _key(job_id, "events")
+
+
 class JobStore:
     """Reads and writes one cluster's job records."""
 
-    def __init__(self, redis_url: str, ttl_s: int, retry_s: float = RETRY_BOUND_S) -> None:
+    def __init__(self, redis_url: str, ttl_s: int, retry_s: float = RETRY_BOUND_S,
+                 events_max: int = 10_000) -> None:
         self.r = connect(redis_url, decode_responses=True, retry_s=retry_s)
-        self.ttl_s = ttl_s
+        self.ttl_s, self.events_max = ttl_s, events_max
         self._record = self.r.register_script(_RECORD_GROUP)
         self._check = self.r.register_script(_CHECK_BARRIER)
         self._pump = self.r.register_script(_PUMP)
@@ -322,10 +345,10 @@ class JobStore:
     def record_keyframes(self, job_id: str, results: list[dict]) -> None:
         """Store Stage 1 results (each with a ``keyframe`` field): a result replaces anything,
         an error replaces nothing (``_RECORD_KEYFRAMES``)."""
-        args: list = [self.ttl_s, time.time()]
+        args: list = [self.ttl_s, time.time(), self.events_max]
         for r in results:
             args += [str(r["keyframe"]), json.dumps(r), "1" if r.get("error") else "0"]
-        self._record_kf(keys=[_key(job_id, "kf"), _key(job_id)], args=args)
+        self._record_kf(keys=[_key(job_id, "kf"), _key(job_id), events_key(job_id)], args=args)
 
     def keyframe_records(self, job_id: str, keyframes: list[int]) -> dict[int, dict]:
         """The recorded Stage 1 results of these keyframes (absent ones left out)."""
@@ -339,10 +362,14 @@ class JobStore:
     def _barrier_keys(self, job_id: str) -> list[str]:
         return [_key(job_id, "groups"), _key(job_id, "groups_done"), _key(job_id), _key(job_id, "done")]
 
-    def record_group(self, job_id: str, group: int, record: dict) -> int:
-        """Store a group's final record (first writer wins). 2 = caller must enqueue finalize."""
-        return int(self._record(keys=self._barrier_keys(job_id),
-                                args=[str(group), json.dumps(record), self.ttl_s, time.time()]))
+    def record_group(self, job_id: str, group: int, record: dict,
+                     keyframes: list[int] | None = None) -> int:
+        """Store a group's final record (first writer wins). 2 = caller must enqueue finalize.
+        A recorded slot is also an event (``events_key``) naming its ``keyframes``."""
+        event = json.dumps({"slot": group, "keyframes": keyframes or [], **record})
+        return int(self._record(keys=[*self._barrier_keys(job_id), events_key(job_id)],
+                                args=[str(group), json.dumps(record), self.ttl_s, time.time(),
+                                      event, self.events_max]))
 
     def group_record(self, job_id: str, group: int) -> dict | None:
         raw = self.r.hget(_key(job_id, "groups"), str(group))
@@ -365,8 +392,8 @@ class JobStore:
     # --- the report -----------------------------------------------------------------------
     def save_report(self, job_id: str, report_json: str, state: str) -> bool:
         """Keep the report (the first one only: False if one was saved before)."""
-        saved = bool(self._save(keys=[_key(job_id), DEADLINES, JOBS_ENDED],
-                                args=[report_json, state, time.time(), job_id]))
+        saved = bool(self._save(keys=[_key(job_id), DEADLINES, JOBS_ENDED, events_key(job_id)],
+                                args=[report_json, state, time.time(), job_id, self.events_max]))
         # The report outlives the job's working records only as long as the result TTL.
         pipe = self.r.pipeline(transaction=False)
         for part in JOB_PARTS:

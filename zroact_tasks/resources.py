@@ -16,7 +16,7 @@ from .redisconn import connect
 @cache
 def jobs() -> JobStore:
     s = get_settings()
-    return JobStore(s.redis_url, s.result_ttl_s, s.redis_retry_s)
+    return JobStore(s.redis_url, s.result_ttl_s, s.redis_retry_s, s.events_max)
 
 
 @cache

@@ -33,7 +33,7 @@ def one_line(exc: BaseException | str, limit: int = 300) -> str:
 def record_group(job_id: str, slot: int, record: dict, keyframes: list[int]) -> None:
     """Record a slot's end and free its keyframes (only its Stage 2 read them); whoever records
     the last slot enqueues the report."""
-    closed = resources.jobs().record_group(job_id, slot, record) == 2
+    closed = resources.jobs().record_group(job_id, slot, record, keyframes) == 2
     resources.frames().free(job_id, full=keyframes)
     if closed:
         pipeline.send_finalize(app, job_id)
