@@ -3,6 +3,7 @@ real workers: its own small cluster on Redis db 11 whose control worker has a ME
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -193,6 +194,66 @@ def test_cancel_a_running_job(http, standin, assets):
         assert http.delete(f"/v1/jobs/{job_id}").json()["cancelled"] is False  # already ended
     finally:
         standin.release()
+
+
+def sse_events(response: httpx.Response, limit: int | None = None) -> list[dict]:
+    """Parse a Server-Sent Events body into {id, event, data}, stopping after ``limit`` events
+    (the reader then disconnects)."""
+    found, current = [], {}
+    for line in response.iter_lines():
+        if line.startswith(":"):
+            continue  # a keep-alive comment
+        if not line:
+            if current:
+                current["data"] = json.loads(current["data"])
+                found.append(current)
+                current = {}
+                if limit is not None and len(found) >= limit:
+                    break
+            continue
+        field, _, value = line.partition(": ")
+        current[field] = value
+    return found
+
+
+def test_events_over_sse_resume_with_last_event_id_and_a_partial_report(http, api, standin, assets):
+    """Events arrive while the job runs; a reader that disconnects resumes with Last-Event-ID
+    and gets the rest, none missed or repeated; ``?partial=true`` reports what is recorded."""
+    standin.hold()  # no slot can end: the job runs until released
+    try:
+        with open(assets["video"], "rb") as video:
+            resp = http.post("/v1/jobs", files={"video": ("sample.mp4", video)})
+        job_id = resp.json()["job_id"]
+        assert httpx.get(f"{api}/v1/jobs/{job_id}/events").status_code == 401  # same auth
+        with http.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            first = sse_events(stream, limit=3)  # then it disconnects
+        assert [e["event"] for e in first] == ["keyframe"] * 3
+        partial = http.get(f"/v1/jobs/{job_id}/report", params={"partial": "true"})
+        assert partial.status_code == 200, partial.text
+        body = partial.json()
+        validate_report(body)
+        assert body["partial"] is True and body["status"] == "running"
+        assert len(body["keyframes"]) >= 3 and all(s["verdict"] is None for s in body["slots"])
+        assert http.get(f"/v1/jobs/{job_id}/report").status_code == 409  # no final report yet
+    finally:
+        standin.release()
+    with http.stream("GET", f"/v1/jobs/{job_id}/events",
+                     headers={"Last-Event-ID": first[-1]["id"]}, timeout=120) as stream:
+        rest = sse_events(stream)
+    seen = first + rest
+    assert [e["data"]["seq"] for e in seen] == list(range(1, len(seen) + 1))
+    assert seen[-1]["event"] == "end" and seen[-1]["data"]["status"] == "succeeded"
+    assert [e["event"] for e in seen].count("slot") == 14
+    report = wait_for_report(http, job_id)
+    verdicts = {e["data"]["slot"]["slot"]: e["data"]["slot"]["verdict"] for e in seen
+                if e["event"] == "slot"}
+    assert all(verdicts[s["slot"]] == s["verdict"] for s in report["slots"])
+    assert report["partial"] is False
+    bad = http.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "nonsense"})
+    assert bad.status_code == 422 and "not an event id" in bad.json()["detail"]
+    assert http.get(f"/v1/jobs/{'0' * 32}/events").status_code == 404
 
 
 # --- refusals ----------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import secrets
+import time
 import uuid
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from kombu.exceptions import OperationalError
@@ -48,6 +49,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from . import events
 from .client import Client, Job, check_prompt
 from .config import Settings, get_settings
 from .errors import ConfigError, InputError, JobNotFoundError, VideoNotFoundError
@@ -455,6 +457,33 @@ def _auth_dependency(settings: Settings) -> list[Any]:
     return [Depends(require_token)]
 
 
+SSE_KEEPALIVE_S = 15.0
+"""A comment line this often while nothing happens, so proxies keep the connection open."""
+
+
+def _sse(api: _Api, job_id: str, since: str):
+    """The SSE body: each event as it is recorded, a keep-alive comment when idle, then end."""
+    r, job = api.client.jobs.r, Job(api.client, job_id)
+    last_seq, idle_since = events.seq_of(r, job_id, since), time.monotonic()
+    while True:
+        batch = events.read(r, job_id, since, block_ms=1000)
+        if not batch:
+            if job.report() is not None and not events.read(r, job_id, since):
+                return  # ended, and its end event is gone (expired or trimmed)
+            if time.monotonic() - idle_since >= SSE_KEEPALIVE_S:
+                idle_since = time.monotonic()
+                yield ": keep-alive\n\n"
+            continue
+        idle_since = time.monotonic()
+        for event in batch:
+            if last_seq is not None and event.seq > last_seq + 1:
+                event.missed = event.seq - last_seq - 1
+            last_seq, since = event.seq, event.id
+            yield f"id: {event.id}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n"
+            if event.kind == "end":
+                return
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API over the cluster behind ``settings.redis_url``; ConfigError if it cannot serve."""
     settings = settings or get_settings()
@@ -525,20 +554,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Job(api.client, job_id).status()
 
     @v1.get("/jobs/{job_id}/report", response_model=JobReport,
-            responses={**_errors(401, 404, 503), 409: {
+            responses={**_errors(401, 404, 422, 503), 409: {
                 "model": ReportPending,
                 "description": "The job has not ended: no report yet (body: its status)",
                 "headers": {"Retry-After": {"schema": {"type": "integer"},
                                             "description": "Seconds before asking again"}}}})
-    def job_report(job_id: str) -> Any:
-        """The report (docs/report.schema.json) once the job has ended; 409 with the status before."""
+    def job_report(job_id: str, partial: bool = False) -> Any:
+        """The report (docs/report.schema.json) once the job has ended; 409 with the status
+        before, or with `partial=true` the report of what is recorded so far (`partial: true`,
+        `status` `queued` or `running`)."""
         job = Job(api.client, job_id)
-        report = job.report()
+        report = job.report(partial=partial)
         if report is not None:
             return report
         status = job.status()  # JobNotFoundError -> 404
         body = ReportPending(detail=f"job {job_id} is {status.state}; no report yet", status=status)
         return JSONResponse(body.model_dump(mode="json"), 409, headers={"Retry-After": "2"})
+
+    @v1.get("/jobs/{job_id}/events", responses={**_errors(401, 404, 422, 503), 200: {
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "Server-Sent Events: `id` (resume with Last-Event-ID), `event` (`keyframe`, "
+                       "`slot`, `end`), `data` (a JobEvent as JSON); the stream ends after `end`"}})
+    def job_events(job_id: str, request: Request, since: str | None = None) -> Any:
+        """The job's results as they are recorded (Server-Sent Events): every keyframe, every
+        slot, then the end. `Last-Event-ID` (or `since`) resumes after that event."""
+        Job(api.client, job_id).status()  # JobNotFoundError -> 404, before the stream starts
+        start = request.headers.get("last-event-id") or since or events.START
+        if not events.EVENT_ID.fullmatch(start):
+            raise Reject(422, f"Last-Event-ID {start[:40]!r} is not an event id (like 1712345678901-0)")
+        return StreamingResponse(_sse(api, job_id, start), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @v1.delete("/jobs/{job_id}", response_model=CancelResult, responses=_errors(401, 404, 503))
     def cancel_job(job_id: str) -> CancelResult:

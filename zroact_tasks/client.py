@@ -100,10 +100,17 @@ class Job:
         """State and Stage 1 / Stage 2 progress (done / total)."""
         return self._client.jobs.status(self.id)
 
-    def report(self) -> JobReport | None:
-        """The report if the job has ended, else None."""
-        raw = self._client.jobs.report_json(self.id)
-        return JobReport.model_validate_json(raw) if raw else None
+    def report(self, partial: bool = False) -> JobReport | None:
+        """The report if the job has ended, else None; with ``partial``, a running job's
+        report of what is recorded so far (``JobReport.partial``)."""
+        jobs = self._client.jobs
+        raw = jobs.report_json(self.id)
+        if raw or not partial:
+            return JobReport.model_validate_json(raw) if raw else None
+        from .control.report import build_partial_report
+
+        meta = jobs.meta(self.id)  # JobNotFoundError for an unknown id
+        return build_partial_report(self.id, meta, jobs.keyframes(self.id), jobs.groups(self.id))
 
     def events(self, since: str | None = None) -> Iterator[JobEvent]:
         """Each keyframe's and slot's result the moment it is recorded, then the ``end`` event;

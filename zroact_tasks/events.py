@@ -12,6 +12,7 @@ is told how many it missed (``JobEvent.missed``).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -23,6 +24,8 @@ from .models import Keyframe, SlotResult
 
 START = "0-0"
 """``since`` for the whole stream."""
+EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
+"""What a stream entry id looks like (what ``since`` / Last-Event-ID must be)."""
 
 
 class JobEvent(BaseModel):

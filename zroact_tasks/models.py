@@ -82,11 +82,11 @@ class VideoInfo(BaseModel):
 
 
 class Stage2Info(BaseModel):
-    status: Literal["done", "skipped", "cancelled", "not_run", "failed", "stopped"]
+    status: Literal["done", "skipped", "cancelled", "not_run", "failed", "stopped", "running"]
     """``done``: every slot went through Stage 2; ``skipped``: no VLM configured; ``cancelled``:
     the job was cancelled; ``not_run``: the job failed before any slot reached Stage 2;
     ``failed``: requests were made and none gave a verdict; ``stopped``: the job failed after
-    some verdicts."""
+    some verdicts; ``running``: a partial report's."""
     model: str | None = None
     reason: str | None = None
 
@@ -103,7 +103,13 @@ class JobReport(BaseModel):
     """The result of one job; ``model_dump()`` is the JSON in ``docs/report.schema.json``."""
 
     job_id: str
-    status: Literal["succeeded", "completed_with_errors", "failed", "cancelled"]
+    status: Literal["succeeded", "completed_with_errors", "failed", "cancelled", "queued",
+                    "running"]
+    """A final state; ``queued`` / ``running`` only in a partial report."""
+    partial: bool = False
+    """True for a report of a job still running (``Job.report(partial=True)``, ``GET
+    /v1/jobs/{id}/report?partial=true``): it holds the keyframes and slots recorded so far, in
+    order, and no Stage 2 verdict on the job as a whole; the final report replaces it."""
     video: VideoInfo | None = None
     keyframes: list[Keyframe] = Field(default_factory=list)
     slots: list[SlotResult] = Field(default_factory=list)

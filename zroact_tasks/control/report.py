@@ -61,6 +61,31 @@ def _stage2_status(job_status: str, switch: str | None, records: list[dict],
     return "stopped" if job_status == "failed" else "done"
 
 
+def build_partial_report(job_id: str, meta: dict[str, str], kf_records: dict[int, dict],
+                         groups: dict[int, dict]) -> JobReport:
+    """A running job's report: what is recorded so far (keyframes and whole slots, in order),
+    ``partial`` set and the job's current state; the final report is ``build_report``'s."""
+    spec = json.loads(meta["spec"])
+    fps = json.loads(meta.get("plan") or meta.get("video") or "{}").get("fps") or 30.0
+    keyframes = [Keyframe(index=k, time_s=round(k / fps, 4), detections=r.get("detections", []),
+                          error=r.get("error")) for k, r in sorted(kf_records.items())]
+    size, total = spec["slot_size"], meta.get("keyframes_total")
+    slots = []
+    for j, g in sorted(groups.items()):
+        kfs = clips.slot_keyframes(j, size, spec["keyframe_stride"], int(total) if total else None)
+        if len(kfs) == size:  # as the final report: a trailing partial slot is Stage 1 only
+            slots.append(SlotResult(slot=j, keyframes=kfs, verdict=g.get("verdict"),
+                                    error=g.get("error"), image_size=g.get("image_size")))
+    video = VideoInfo.model_validate_json(meta["video"]) if "video" in meta else None
+    state = meta.get("state", "queued")
+    return JobReport(
+        job_id=job_id, status=state if state in ("queued", "running") else "running",
+        partial=True, video=video, keyframes=keyframes, slots=slots,
+        stage2=Stage2Info(status="running" if meta.get("stage2") == "true" else "skipped"),
+        timings={"total": round(time.time() - spec["submitted_at"], 4)},
+        warnings=json.loads(meta.get("warnings", "[]")))
+
+
 def build_report(job_id: str, meta: dict[str, str], kf_records: dict[int, dict],
                  groups: dict[int, dict]) -> JobReport:
     """The report from the job's meta hash, its Stage 1 records and its group records."""
