@@ -491,3 +491,21 @@ def test_the_openapi_spec_holds_and_nothing_is_a_server_error(case, api, media):
                                       excluded_checks=[positive_data_acceptance])
     if response.status_code != 202:  # a refused upload leaves nothing behind
         assert uploads(media) == before
+
+
+def test_an_api_whose_media_root_no_control_worker_shares_refuses_jobs(api_settings, media,
+                                                                       tmp_path, assets):
+    """The cluster's control worker resolves paths under ``media``; an API storing uploads under
+    another directory would get 202 and then every job failing "no such file": it answers 503
+    with one line naming both roots instead, before reading the upload."""
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    settings = api_settings.model_copy(update={"media_root": other})
+    with serving(settings) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as http:
+        with open(assets["short_video"], "rb") as video:
+            resp = http.post("/v1/jobs", files={"video": ("short.mp4", video)})
+        assert resp.status_code == 503, resp.text
+        detail = resp.json()["detail"]
+        assert str(other.resolve()) in detail and str(media.resolve()) in detail
+        assert "ZROACT_MEDIA_ROOT" in detail and "\n" not in detail
+        assert os.listdir(other / UPLOAD_DIR) == []  # nothing was stored

@@ -50,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from . import events
+from .control import media_roots
 from .client import Client, Job, check_prompt
 from .config import Settings, get_settings
 from .errors import ConfigError, InputError, JobNotFoundError, VideoNotFoundError
@@ -540,6 +541,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def submit_job(request: Request) -> JobAccepted:
         """Submit a job: upload the video (multipart field `video`) or name a `path` under
         MEDIA_ROOT (multipart, JSON or urlencoded), plus an optional `prompt` and `priority`."""
+        problem = await run_in_threadpool(media_roots.mismatch, api.health, str(api.root))
+        if problem is not None:  # every job would fail "no such file": refuse before reading
+            raise Reject(503, problem)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
             return await _submit_upload(api, request)

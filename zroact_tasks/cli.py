@@ -358,6 +358,10 @@ def worker(role: str, concurrency: int | None, name: str | None, loglevel: str) 
             click.echo(f"warning: the model could not be checked against the queue's: {exc}",
                        err=True)
         registry.serving = info  # published by the heartbeat (liveness.py)
+    if role == "control":
+        from .control import media_roots
+
+        media_roots.serving = str(Path(settings.media_root).resolve()) if settings.media_root else ""
     if role == "stage2":
         concurrency = stage2_concurrency(settings, concurrency)
     use_settings(settings)  # before the app is imported: celeryconfig reads it

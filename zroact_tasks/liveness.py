@@ -105,9 +105,11 @@ def _beat(hostname: str, lost_after_s: float) -> None:
     while True:
         try:
             _redis().set(worker_key(BOOT_ID), hostname, px=ttl_ms)
-            from .stage1 import registry  # here: registry imports this module
+            from .control import media_roots  # here: both import this module
+            from .stage1 import registry
 
             registry.publish_serving(_redis(), BOOT_ID)  # a Stage 1 worker's model
+            media_roots.publish_serving(_redis(), BOOT_ID)  # a control worker's MEDIA_ROOT
         except TRANSIENT_ERRORS as exc:  # Redis away: the next beat tries again
             log.warning("heartbeat not written: %s", type(exc).__name__)
         watch = _watch
