@@ -20,8 +20,12 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
+# The project's venv (scripts/setup.sh): the host CLI, the sample media and the checks run in it.
 PY=${PYTHON:-$ROOT/.venv/bin/python}
-[ -x "$PY" ] || PY=python3
+if ! "$PY" -c 'import onnx, zroact_tasks.cli' >/dev/null 2>&1; then
+    bash scripts/setup.sh
+    PY=$ROOT/.venv/bin/python
+fi
 T=$(mktemp -d /tmp/zroact-smoke.XXXXXX)
 chmod 0755 "$T"
 PROJECT=zsmoke$$
