@@ -27,7 +27,7 @@ from zroact_tasks.api import UPLOAD_DIR, create_app
 from zroact_tasks.config import Settings
 from zroact_tasks.errors import ConfigError, InputError
 from zroact_tasks.jobstate import JobStore
-from zroact_tasks.local import free_port
+from zroact_tasks.local import EmbeddedRedis, free_port
 from zroact_tasks.media.video import probe, resolve_video_path
 from zroact_tasks.models import FINAL_STATES, JobReport, JobStatus
 
@@ -409,17 +409,17 @@ def test_an_upload_dir_it_cannot_write_stops_the_start_and_a_lost_one_is_a_500()
     """Issue 15, defect 1: the start check writes a file in MEDIA_ROOT/uploads (mode bits, which
     os.access reads, can say yes where creating a file fails) and refuses in one line; an upload
     that cannot be stored for a setup reason is a 500 that says so, not 507 (no space)."""
-    with tempfile.TemporaryDirectory() as top:  # not under pytest's 0700 tmp: uid 10001 reads it
-        os.chmod(top, 0o755)
-        _upload_dir_checks(Path(top) / "media")
+    # A Redis of its own: no control worker publishes a MEDIA_ROOT there, so uploads are read.
+    with tempfile.TemporaryDirectory() as top, EmbeddedRedis() as server:
+        os.chmod(top, 0o755)  # not under pytest's 0700 tmp: uid 10001 must reach it
+        _upload_dir_checks(Path(top) / "media", server.url)
 
 
-def _upload_dir_checks(root: Path) -> None:
+def _upload_dir_checks(root: Path, redis_url: str) -> None:
     (root / UPLOAD_DIR).mkdir(parents=True)
     os.chmod(root, 0o755)
     os.chmod(root / UPLOAD_DIR, 0o755)
-    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", media_root=root,
-                        api_token=TOKEN, redis_retry_s=1)
+    settings = Settings(redis_url=redis_url, media_root=root, api_token=TOKEN)
     create_app(settings)  # writable here: it starts (and leaves no probe file behind)
     assert os.listdir(root / UPLOAD_DIR) == []
     if os.geteuid() == 0:
