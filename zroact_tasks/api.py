@@ -51,6 +51,7 @@ from starlette.requests import ClientDisconnect
 
 from . import events
 from .control import media_roots
+from .media import streams
 from .client import Client, Job, check_prompt
 from .config import Settings, get_settings
 from .errors import ConfigError, InputError, JobNotFoundError, VideoNotFoundError
@@ -88,7 +89,8 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(min_length=1, description="The video, relative to MEDIA_ROOT (or absolute "
-                      "inside it); `..` and symlinks may not lead out of MEDIA_ROOT.")
+                      "inside it); `..` and symlinks may not lead out of MEDIA_ROOT. Or a live "
+                      "source's URL (rtsp://, http(s)://) under a ZROACT_STREAM_SOURCES prefix.")
     prompt: str | None = Field(None, description="Stage 2 prompt; the server's default if absent.")
     priority: int | None = Field(None, ge=0, le=9, description="0 (most urgent) to 9; the "
                                  "server's DEFAULT_PRIORITY (5) if absent. Celery on Redis has 4 "
@@ -642,7 +644,8 @@ async def _submit_upload(api: _Api, request: Request) -> JobAccepted:
         fields = _check_fields({k: v for k, v in form.fields.items() if k != "path"})
         if form.upload is None:  # a path, sent as multipart
             return await _submit_checked(api, form.fields["path"], form.fields["path"], fields)
-        job = await _submit_checked(api, f"{UPLOAD_DIR}/{form.upload.name}", form.filename, fields)
+        job = await _submit_checked(api, f"{UPLOAD_DIR}/{form.upload.name}", form.filename, fields,
+                                    uploaded=True)
         keep = True
         log.info("job %s accepted: upload %s (%d bytes)", job.job_id, form.upload.name, form.size)
         return job
@@ -678,11 +681,14 @@ async def _submit_path(api: _Api, request: Request, kind: str) -> JobAccepted:
     return job
 
 
-async def _submit_checked(api: _Api, path: str, name: str, fields: JobRequest) -> JobAccepted:
+async def _submit_checked(api: _Api, path: str, name: str, fields: JobRequest,
+                          *, uploaded: bool = False) -> JobAccepted:
     """Check prompt and video as ``zroact run`` does (422 with its message), then submit."""
     def check_and_submit() -> Job:
         check_prompt(api.settings.prompt if fields.prompt is None else fields.prompt,
                      api.settings.max_prompt_chars)
+        if not uploaded and streams.is_stream(path):  # checked against STREAM_SOURCES
+            return api.client.submit(path, prompt=fields.prompt, priority=fields.priority)
         video = api.check_video(path, name)
         return api.submit(video, fields.prompt, fields.priority)
 

@@ -18,7 +18,9 @@ from .config import Settings, get_settings
 from .errors import InputError, JobTimeoutError, PromptError
 from .events import JobEvent
 from .jobstate import JobStore
+from .media import streams
 from .media.clips import keyframe_indices
+from .media.clips import slot_keyframes as clips_slot_keyframes
 from .models import FINAL_STATES, JobReport, JobSpec, JobStatus
 from .redisconn import TRANSIENT_ERRORS
 
@@ -63,19 +65,27 @@ class Client:
         priority = s.default_priority if priority is None else priority
         if not 0 <= priority <= 9:
             raise InputError("priority", f"{priority} is not in 0..9 (0 = most urgent)")
-        local = Path(path)
-        # A path that exists here is sent absolute (local workers); any other path is left for
-        # the workers to resolve against their MEDIA_ROOT.
-        video = str(local.resolve()) if local.exists() and s.media_root is None else str(path)
+        stream = streams.is_stream(str(path))
+        if stream:  # the control workers check it too, with their own STREAM_SOURCES
+            video = streams.check_allowed(str(path), s.stream_sources)
+        else:
+            local = Path(path)
+            # A path that exists here is sent absolute (local workers); any other path is left
+            # for the workers to resolve against their MEDIA_ROOT.
+            video = str(local.resolve()) if local.exists() and s.media_root is None else str(path)
         spec = JobSpec(
             job_id=uuid.uuid4().hex, video=video, prompt=prompt,
             keyframe_stride=s.keyframe_stride, sampling_rate=s.sampling_rate,
             clip_length=s.clip_length, slot_size=s.slot_size, score_threshold=s.score_threshold,
             nms_iou=s.nms_iou, max_detections=s.max_detections, submitted_at=time.time(),
-            priority=priority,
+            priority=priority, stream=stream,
         )
-        self.jobs.create(spec, s.job_deadline_s, s.job_stall_s)
-        pipeline.send_ingest(self.app, spec.model_dump(mode="json"))
+        if stream:  # its own limit is its deadline (JOB_DEADLINE_S is for files)
+            self.jobs.create(spec, s.stream_max_s + 60, s.job_stall_s)
+            pipeline.send_stream(self.app, spec.model_dump(mode="json"))
+        else:
+            self.jobs.create(spec, s.job_deadline_s, s.job_stall_s)
+            pipeline.send_ingest(self.app, spec.model_dump(mode="json"))
         return Job(self, spec.job_id)
 
     def job(self, job_id: str) -> Job:
@@ -85,6 +95,19 @@ class Client:
 
     def close(self) -> None:
         self.app.close()
+
+
+def _stream_task_ids(spec: JobSpec, meta: dict, s: Settings) -> list[str]:
+    """The task ids a stream job can have pending: only its recent slots (those in the window
+    and the backlog) ever have tasks, however long it has run."""
+    nxt = int(meta.get("stream_next_slot", 0))
+    first = max(0, nxt - s.job_window_slots - s.stream_backlog_slots - 2)
+    ids = []
+    for slot in range(first, nxt + 2):
+        kfs = clips_slot_keyframes(slot, spec.slot_size, spec.keyframe_stride)
+        ids += [pipeline.detect_id(spec.job_id, k) for k in kfs]
+        ids += [pipeline.slot_ready_id(spec.job_id, slot), pipeline.judge_id(spec.job_id, slot)]
+    return ids
 
 
 class Job:
@@ -151,19 +174,24 @@ class Job:
         Running tasks stop at their next step. False if the job had already ended or stopped.
         """
         jobs = self._client.jobs
-        if jobs.meta(self.id).get("state") in FINAL_STATES or not jobs.request_abort(self.id, "cancelled"):
+        spec = jobs.spec(self.id)
+        reason = "stopped" if spec.stream else "cancelled"  # a live stream is stopped, not failed
+        if jobs.meta(self.id).get("state") in FINAL_STATES or not jobs.request_abort(self.id, reason):
             return False
-        spec, meta = jobs.spec(self.id), jobs.meta(self.id)
-        # Every keyframe of every chunk sent so far (chunks run in parallel, so the count of
-        # keyframes seen is not where they end).
-        chunks = int(meta.get("chunk_next", 1))
-        per = json.loads(meta["plan"])["chunk_slots"] if "plan" in meta else 1
-        seen = chunks * per * spec.slot_size
-        seen = max(seen, int(meta.get("keyframes_total", 0)))
-        keyframes = keyframe_indices(seen * spec.keyframe_stride, spec.keyframe_stride)
-        # Batch 1 names a Stage 1 task for every keyframe: a superset of the ids for any batch
-        # the workers use (this client's STAGE1_BATCH may not be theirs).
-        ids = pipeline.job_task_ids(self.id, keyframes, spec.slot_size, batch=1, chunks=chunks)
+        meta = jobs.meta(self.id)
+        if spec.stream:
+            ids = _stream_task_ids(spec, meta, self._client.settings)
+        else:
+            # Every keyframe of every chunk sent so far (chunks run in parallel, so the count
+            # of keyframes seen is not where they end).
+            chunks = int(meta.get("chunk_next", 1))
+            per = json.loads(meta["plan"])["chunk_slots"] if "plan" in meta else 1
+            seen = chunks * per * spec.slot_size
+            seen = max(seen, int(meta.get("keyframes_total", 0)))
+            keyframes = keyframe_indices(seen * spec.keyframe_stride, spec.keyframe_stride)
+            # Batch 1 names a Stage 1 task for every keyframe: a superset of the ids for any
+            # batch the workers use (this client's STAGE1_BATCH may not be theirs).
+            ids = pipeline.job_task_ids(self.id, keyframes, spec.slot_size, batch=1, chunks=chunks)
         self._client.app.control.revoke(ids)
         if jobs.close_barrier(self.id):
             pipeline.send_finalize(self._client.app, self.id)

@@ -7,11 +7,12 @@ through the environment their supervisor gives them.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ConfigError
 
@@ -72,6 +73,10 @@ class Settings(BaseSettings):
     share inference calls of up to this many clips (stage1/batcher.py). 1 = off."""
     stage1_batch_timeout_ms: float = Field(10.0, ge=0)
     """Batching: the longest a clip waits for others before its call runs anyway."""
+    stage1_pipeline_depth: int = Field(4, ge=0)
+    """Clips a Stage 1 worker holds at once (reserved, being prepared, inferred, recorded): one
+    process, one session, one inference thread, so the GPU never waits for the CPU
+    (stage1/tasks.py). 0 = a prefork pool of ``-c`` processes, one clip each."""
     job_window_slots: int = Field(4, ge=0)
     """Slots of one job queued for Stage 1 at a time (0 = all at once). Keeps one long video
     from filling the queue ahead of jobs submitted after it: work interleaves across jobs."""
@@ -157,6 +162,21 @@ class Settings(BaseSettings):
     """Hard time limit of the short control steps (slot bookkeeping, the report)."""
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     """How long reports and task results stay in Redis."""
+    stream_sources: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """URL prefixes of the live sources jobs may read (rtsp://, http(s):// MJPEG, MPEG-TS or HLS);
+    empty = none. Enforced by the control workers (and checked by clients). JSON list or commas."""
+    stream_max_s: float = Field(7 * 86400, gt=0)
+    """A stream job's limit (MAX_FRAMES and MAX_DURATION_S are for files): it ends ``succeeded``
+    after this long. Also its deadline."""
+    stream_reconnect_s: float = Field(30.0, gt=0)
+    """A dropped source is reopened with backoff (0.5 s doubling to 8 s) for this long; then the
+    stream has ended and so does the job."""
+    stream_backlog_slots: int = Field(8, ge=1)
+    """Slots of a stream waiting for Stage 1 beyond the job's window: past this the reader drops
+    new slots (each recorded "dropped: …") instead of queueing, so it stays at the live edge."""
+    stream_keep_slots: int = Field(600, ge=10)
+    """A stream's records and report keep its last this many slots (a rolling window; the
+    report's ``stream`` summary counts them all)."""
     events_max: int = Field(10_000, ge=100)
     """Entries kept in a job's event stream (Redis Streams, trimmed approximately): a job's
     keyframes + slots + 1 fit whole for videos up to ~40 minutes (30 fps, the defaults)."""
@@ -177,6 +197,13 @@ class Settings(BaseSettings):
     """Run the HTTP API without authentication (only when set explicitly)."""
     api_max_upload_bytes: int = Field(2 * 1024**3, ge=1)
     """Largest video the HTTP API accepts as an upload (413 above it)."""
+
+    @field_validator("stream_sources", mode="before")
+    @classmethod
+    def _prefixes(cls, value: Any) -> Any:
+        if isinstance(value, str):  # a JSON list, or prefixes separated by commas
+            value = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
+        return [v.strip() for v in value if v and v.strip()] if isinstance(value, list) else value
 
     @field_validator("vlm_url")
     @classmethod

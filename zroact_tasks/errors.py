@@ -9,7 +9,9 @@
     │   │   ├── VideoDecodeError       empty, not a video, or nothing decodes
     │   │   ├── VideoTooShortError     fewer frames than one keyframe stride
     │   │   ├── VideoLimitError        over MAX_FRAMES / MAX_PIXELS / MAX_DURATION_S
-    │   │   └── MediaRootError         resolves outside MEDIA_ROOT
+    │   │   ├── MediaRootError         resolves outside MEDIA_ROOT
+    │   │   ├── StreamNotAllowedError  a live source outside STREAM_SOURCES
+    │   │   └── StreamError            a live source that cannot be opened
     │   ├── ModelError             the ONNX model is missing, unreadable or of the wrong layout
     │   ├── LabelsError            the labels file is unreadable or its count differs from C
     │   └── PromptError            the prompt is empty or too long
@@ -48,6 +50,14 @@ class InputError(ZroactError):
 
 class VideoError(InputError):
     """The video cannot be used."""
+
+
+class StreamNotAllowedError(VideoError):
+    """A live source whose URL no ``STREAM_SOURCES`` prefix allows."""
+
+
+class StreamError(VideoError):
+    """A live source that cannot be opened (refused, not a video, nothing within the timeout)."""
 
 
 class VideoNotFoundError(VideoError):

@@ -178,7 +178,7 @@ return 1
 
 RESENDS = "zroact:metrics:resends"
 """Hash: what the reconciler sent again -> count (for metrics)."""
-RESEND_KINDS = ("ingest", "stage1", "stage2", "finalize", "window", "lost_task")
+RESEND_KINDS = ("ingest", "stage1", "stage2", "finalize", "window", "lost_task", "stream")
 """``lost_task``: a message given back from a lost worker; the others: a job's missing step."""
 
 JOB_PARTS = ("", "kf", "groups", "groups_done", "done", "pending", "inflight", "offered",
@@ -370,6 +370,14 @@ class JobStore:
         return int(self._record(keys=[*self._barrier_keys(job_id), events_key(job_id)],
                                 args=[str(group), json.dumps(record), self.ttl_s, time.time(),
                                       event, self.events_max]))
+
+    def trim_slot(self, job_id: str, slot: int, keyframes: list[int]) -> None:
+        """Forget a slot's records (a stream's rolling window); its ``groups_done`` entry stays,
+        so the job's barrier still counts it."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hdel(_key(job_id, "kf"), *map(str, keyframes))
+        pipe.hdel(_key(job_id, "groups"), str(slot))
+        pipe.execute()
 
     def group_record(self, job_id: str, group: int) -> dict | None:
         raw = self.r.hget(_key(job_id, "groups"), str(group))

@@ -6,8 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-JobState = Literal["queued", "running", "succeeded", "completed_with_errors", "failed", "cancelled"]
-FINAL_STATES = frozenset({"succeeded", "completed_with_errors", "failed", "cancelled"})
+JobState = Literal["queued", "running", "succeeded", "completed_with_errors", "failed", "cancelled",
+                   "stopped"]
+FINAL_STATES = frozenset({"succeeded", "completed_with_errors", "failed", "cancelled", "stopped"})
 
 
 class JobSpec(BaseModel):
@@ -28,6 +29,8 @@ class JobSpec(BaseModel):
     submitted_at: float
     priority: int = Field(5, ge=0, le=9)
     """0 = most urgent. Redis emulates priorities with 4 levels: 0-2, 3-5, 6-8, 9."""
+    stream: bool = False
+    """``video`` is a live source's URL (read until stopped or it ends), not a file."""
 
 
 class Detection(BaseModel):
@@ -91,6 +94,22 @@ class Stage2Info(BaseModel):
     reason: str | None = None
 
 
+class StreamInfo(BaseModel):
+    source: str
+    """The URL, credentials masked."""
+    frames: int = 0
+    slots: int = 0
+    """Slots the stream reached; each was judged, failed, or dropped."""
+    dropped: int = 0
+    """Slots not run because Stage 1 and 2 were behind the live edge (``STREAM_BACKLOG_SLOTS``)."""
+    reconnects: int = 0
+    kept_slots: int = 0
+    """The rolling window: how many of the last slots the report holds."""
+    ended: str | None = None
+    """``stopped`` (by the user), ``ended`` (the source went away for ``STREAM_RECONNECT_S``),
+    ``limit`` (``STREAM_MAX_S``), or None while it runs."""
+
+
 class JobError(BaseModel):
     type: str
     """The exception class, e.g. ``VideoDecodeError``."""
@@ -103,9 +122,10 @@ class JobReport(BaseModel):
     """The result of one job; ``model_dump()`` is the JSON in ``docs/report.schema.json``."""
 
     job_id: str
-    status: Literal["succeeded", "completed_with_errors", "failed", "cancelled", "queued",
-                    "running"]
-    """A final state; ``queued`` / ``running`` only in a partial report."""
+    status: Literal["succeeded", "completed_with_errors", "failed", "cancelled", "stopped",
+                    "queued", "running"]
+    """A final state (``stopped``: a live stream the user stopped; ``cancelled`` is for files);
+    ``queued`` / ``running`` only in a partial report."""
     partial: bool = False
     """True for a report of a job still running (``Job.report(partial=True)``, ``GET
     /v1/jobs/{id}/report?partial=true``): it holds the keyframes and slots recorded so far, in
@@ -118,6 +138,9 @@ class JobReport(BaseModel):
     """Seconds: ``total``, ``ingest``, ``stage1`` (first clip start → last end), ``stage2``."""
     warnings: list[str] = Field(default_factory=list)
     error: JobError | None = None
+    stream: StreamInfo | None = None
+    """A live source's job: what it read. Its ``keyframes`` and ``slots`` are then the last
+    ``STREAM_KEEP_SLOTS`` slots' (a rolling window), these counts are of the whole stream."""
 
 
 class JobStatus(BaseModel):

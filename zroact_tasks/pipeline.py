@@ -12,6 +12,8 @@ from __future__ import annotations
 from celery import Celery, chord, group
 
 INGEST = "zroact.control.ingest"
+STREAM = "zroact.control.ingest_stream"
+"""A live source's reader: one long task per stream job (no time limit; a lease keeps it single)."""
 SLOT_READY = "zroact.control.slot_ready"
 SLOT_FAILED = "zroact.control.slot_failed"
 FINALIZE = "zroact.control.finalize"
@@ -82,6 +84,11 @@ def send_ingest(app: Celery, spec: dict, chunk: int = 0) -> None:
     """Send one ingest step: chunk ``chunk`` of the job (chunk 0 also plans and admits it)."""
     app.send_task(INGEST, args=(spec, chunk), task_id=ingest_id(spec["job_id"], chunk),
                   priority=spec.get("priority"))
+
+
+def send_stream(app: Celery, spec: dict) -> None:
+    """Send (or send again: a lost reader) a stream job's reader."""
+    app.send_task(STREAM, args=(spec,), priority=spec.get("priority"))
 
 
 def send_finalize(app: Celery, job_id: str) -> None:

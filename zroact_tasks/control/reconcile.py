@@ -166,6 +166,14 @@ class Reconciler:
             jobs.close_barrier(job_id)
             pipeline.send_finalize(self.app, job_id)
             sent.append("finalize")
+        elif spec.stream:  # a reader that died lets its lease lapse: another goes on
+            from .stream import reader_alive  # noqa: PLC0415
+
+            if "stream_ended" not in meta and not reader_alive(jobs, job_id):
+                pipeline.send_stream(self.app, spec.model_dump(mode="json"))
+                sent.append("stream")
+            if "frame_size" in meta:
+                sent += self._repair_slots(job_id, meta)
         elif "plan" not in meta or "ingest_started" not in meta:  # chunk 0 (the plan) was lost
             pipeline.send_ingest(self.app, spec.model_dump(mode="json"), 0)
             sent.append("ingest:0")

@@ -12,6 +12,7 @@ from ..models import (
     Keyframe,
     SlotResult,
     Stage2Info,
+    StreamInfo,
     VideoInfo,
 )
 
@@ -50,6 +51,8 @@ def _stage2_status(job_status: str, switch: str | None, records: list[dict],
     else ``done``. ``switch``: the job's Stage 2 flag, None if it ended before ingest set it."""
     if job_status == "cancelled":
         return "cancelled"
+    if job_status == "stopped":
+        return "done" if records else "not_run"
     if switch is None:
         return "not_run"
     if switch != "true":
@@ -61,11 +64,10 @@ def _stage2_status(job_status: str, switch: str | None, records: list[dict],
     return "stopped" if job_status == "failed" else "done"
 
 
-def build_partial_report(job_id: str, meta: dict[str, str], kf_records: dict[int, dict],
-                         groups: dict[int, dict]) -> JobReport:
-    """A running job's report: what is recorded so far (keyframes and whole slots, in order),
-    ``partial`` set and the job's current state; the final report is ``build_report``'s."""
-    spec = json.loads(meta["spec"])
+def _recorded(spec: dict, meta: dict[str, str], kf_records: dict[int, dict],
+              groups: dict[int, dict]) -> tuple[list[Keyframe], list[SlotResult]]:
+    """The keyframes and whole slots that have records, in order (a running job's, or a
+    stream's rolling window)."""
     fps = json.loads(meta.get("plan") or meta.get("video") or "{}").get("fps") or 30.0
     keyframes = [Keyframe(index=k, time_s=round(k / fps, 4), detections=r.get("detections", []),
                           error=r.get("error")) for k, r in sorted(kf_records.items())]
@@ -76,6 +78,27 @@ def build_partial_report(job_id: str, meta: dict[str, str], kf_records: dict[int
         if len(kfs) == size:  # as the final report: a trailing partial slot is Stage 1 only
             slots.append(SlotResult(slot=j, keyframes=kfs, verdict=g.get("verdict"),
                                     error=g.get("error"), image_size=g.get("image_size")))
+    return keyframes, slots
+
+
+def stream_info(spec: dict, meta: dict[str, str], keep: int) -> StreamInfo:
+    from ..media.streams import safe_source  # noqa: PLC0415
+
+    return StreamInfo(source=safe_source(spec["video"]),
+                      frames=int(meta.get("stream_frames", 0)),
+                      slots=int(meta.get("groups_total") or meta.get("stream_next_slot") or 0),
+                      dropped=int(meta.get("stream_dropped", 0)),
+                      reconnects=int(meta.get("stream_reconnects", 0)), kept_slots=keep,
+                      ended=meta.get("stream_ended") or ("stopped" if meta.get("abort") == "stopped"
+                                                         else None))
+
+
+def build_partial_report(job_id: str, meta: dict[str, str], kf_records: dict[int, dict],
+                         groups: dict[int, dict]) -> JobReport:
+    """A running job's report: what is recorded so far (keyframes and whole slots, in order),
+    ``partial`` set and the job's current state; the final report is ``build_report``'s."""
+    spec = json.loads(meta["spec"])
+    keyframes, slots = _recorded(spec, meta, kf_records, groups)
     video = VideoInfo.model_validate_json(meta["video"]) if "video" in meta else None
     state = meta.get("state", "queued")
     return JobReport(
@@ -87,7 +110,7 @@ def build_partial_report(job_id: str, meta: dict[str, str], kf_records: dict[int
 
 
 def build_report(job_id: str, meta: dict[str, str], kf_records: dict[int, dict],
-                 groups: dict[int, dict]) -> JobReport:
+                 groups: dict[int, dict], keep_slots: int = 0) -> JobReport:
     """The report from the job's meta hash, its Stage 1 records and its group records."""
     spec = json.loads(meta["spec"])
     error = JobError.model_validate_json(meta["error"]) if "error" in meta else None
@@ -99,8 +122,10 @@ def build_report(job_id: str, meta: dict[str, str], kf_records: dict[int, dict],
     keyframe_list = clips.keyframe_indices(total * stride, stride)
     missing_reason = "cancelled" if abort == "cancelled" else "no Stage 1 result"
 
-    keyframes = []
-    for index in keyframe_list:
+    keyframes, slots = [], []
+    if spec.get("stream"):  # a rolling window of what it recorded, and the stream's counts
+        keyframes, slots = _recorded(spec, meta, kf_records, groups)
+    for index in [] if spec.get("stream") else keyframe_list:
         rec = kf_records.get(index)
         keyframes.append(Keyframe(
             index=index, time_s=round(index / fps, 4),
@@ -108,8 +133,7 @@ def build_report(job_id: str, meta: dict[str, str], kf_records: dict[int, dict],
             error=(rec.get("error") if rec else missing_reason),
         ))
 
-    slots = []
-    for j, kfs in enumerate(clips.split_slots(keyframe_list, slot_size)):
+    for j, kfs in enumerate([] if spec.get("stream") else clips.split_slots(keyframe_list, slot_size)):
         if len(kfs) < slot_size:
             continue  # trailing partial slot: Stage 1 only, no Stage 2 request
         rec = groups.get(j, {})
@@ -121,8 +145,8 @@ def build_report(job_id: str, meta: dict[str, str], kf_records: dict[int, dict],
     stage2_records = [g for g in groups.values() if g.get("stage2")]
     models = {g["model"] for g in stage2_records if g.get("model")}
 
-    if abort == "cancelled":
-        status = "cancelled"
+    if abort in ("cancelled", "stopped"):
+        status = abort
     elif error is None and _nothing_worked(keyframes, slots, stage2_enabled):
         status = "failed"  # no verdict at all (e.g. the VLM never answered): not a partial result
         first = next((s.error for s in slots if s.error), None) or next(
@@ -153,5 +177,5 @@ def build_report(job_id: str, meta: dict[str, str], kf_records: dict[int, dict],
     return JobReport(
         job_id=job_id, status=status, video=video, keyframes=keyframes, slots=slots,
         stage2=stage2, timings=timings, warnings=json.loads(meta.get("warnings", "[]")),
-        error=error,
+        error=error, stream=stream_info(spec, meta, keep_slots) if spec.get("stream") else None,
     )

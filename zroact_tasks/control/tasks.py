@@ -16,7 +16,9 @@ from ..models import JobError, JobSpec, VideoInfo
 from ..redisconn import TRANSIENT_ERRORS
 from ..stage1 import registry
 from . import deadlines  # noqa: F401  (connects the deadline sweeper to control workers)
+from ..media import streams
 from .ingest import Plan, ingest_chunk, keyframes_total, plan
+from .stream import Lease, StreamRun, read_stream
 from .report import build_report, stage1_slot_error
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ def release_slot(job_id: str, slot: int, keyframes: list[int], meta: dict | None
         return
     pump(spec, meta.get("stage2") == "true", json.loads(meta["frame_size"]),
          release={"slot": slot, "keyframes": keyframes})
-    if "chunks_end" not in meta:
+    if "chunks_end" not in meta and not spec.stream:  # a stream's reader paces itself
         send_next_chunks(spec, meta)
 
 
@@ -125,6 +127,9 @@ def ingest_video(self, spec_data: dict, chunk: int = 0) -> dict:
     job_id, store = spec.job_id, resources.frames()
     if jobs.cancel_requested(job_id) or jobs.barrier_closed(job_id):
         return {"job_id": job_id, "skipped": "job already stopped"}
+    if spec.stream:  # (a re-sent first step of a stream job): its reader does the work
+        pipeline.send_stream(app, spec.model_dump(mode="json"))
+        return {"job_id": job_id, "stream": True}
     model = registry.current(jobs.r) if chunk == 0 else None
     if chunk == 0 and model is None:
         # Frames are stored at the model's input size, which only Stage 1 workers know: wait
@@ -268,8 +273,84 @@ def finalize(job_id: str) -> dict:
     # Frames first: once the report is saved the job no longer counts in the frame budget.
     resources.frames().delete(job_id)
     wake_waiting()
-    report = build_report(job_id, jobs.meta(job_id), jobs.keyframes(job_id), jobs.groups(job_id))
+    report = build_report(job_id, jobs.meta(job_id), jobs.keyframes(job_id), jobs.groups(job_id),
+                          keep_slots=get_settings().stream_keep_slots)
     if not jobs.save_report(job_id, report.model_dump_json(), report.status):
         return json.loads(jobs.report_json(job_id))  # a concurrent finalize saved first
     log.info("job %s %s in %.2f s", job_id, report.status, report.timings.get("total", 0))
     return report.model_dump(mode="json")
+
+
+@app.task(name=pipeline.STREAM, bind=True)
+def ingest_stream(self, spec_data: dict) -> dict:
+    """A live source's reader (control/stream.py): one at a time per job (a lease), until the
+    user stops the job, the source ends, or STREAM_MAX_S."""
+    spec, settings, jobs = JobSpec.model_validate(spec_data), get_settings(), resources.jobs()
+    job_id, store = spec.job_id, resources.frames()
+    if jobs.cancel_requested(job_id) or jobs.barrier_closed(job_id):
+        return {"job_id": job_id, "skipped": "job already stopped"}
+    lease = Lease(jobs, job_id)
+    if not lease.acquire():
+        return {"job_id": job_id, "skipped": "another reader holds the stream"}
+    try:
+        model = registry.current(jobs.r)
+        if model is None:
+            lease.release()
+            log.info("job %s waits for a Stage 1 worker to publish its model", job_id)
+            raise self.retry(countdown=MODEL_WAIT_POLL_S, max_retries=None)
+        try:
+            streams.check_allowed(spec.video, settings.stream_sources)  # this worker's own list
+            if model.clip_length != spec.clip_length:
+                raise ModelError(model.name, f"the job asks for {spec.clip_length}-frame clips, "
+                                             f"the Stage 1 model takes {model.clip_length}")
+            stage2 = settings.vlm_url is not None
+            meta = jobs.meta(job_id)
+            jobs.r.hsetnx(f"zroact:job:{job_id}", "ingest_started", str(time.time()))
+            jobs.update(job_id, state="running", stage2=str(stage2).lower())
+            frame_size: list[int] = []
+
+            def opened(run: StreamRun) -> None:
+                frame_size[:] = [run.width, run.height]
+                info = VideoInfo(frames=0, fps=run.fps, width=run.width, height=run.height)
+                jobs.update(job_id, frame_size=json.dumps(frame_size), video=info.model_dump_json(),
+                            plan=json.dumps({"fps": run.fps, "stream": True}))
+
+            run = read_stream(
+                spec, settings, jobs, store, model.input_size, stage2=stage2, lease=lease,
+                send_slot=lambda j, kfs: pump(spec, stage2, frame_size,
+                                              offer={"slot": j, "keyframes": kfs}),
+                should_stop=lambda: jobs.cancel_requested(job_id),
+                first_slot=int(meta.get("stream_next_slot", 0)), on_open=opened)
+        except TRANSIENT_ERRORS:
+            raise
+        except InputError as exc:
+            log.info("job %s: bad source: %s", job_id, exc)
+            fail_job(job_id, exc, input_error=True)
+            return {"job_id": job_id, "error": str(exc)}
+        except Exception as exc:  # any other failure must still end the job with a report
+            log.exception("job %s: stream reader failed", job_id)
+            fail_job(job_id, exc)
+            return {"job_id": job_id, "error": one_line(exc)}
+    finally:
+        lease.release()
+    jobs.update(job_id, stream_ended=run.ended)
+    if run.ended in ("ended", "limit"):
+        finish_stream(spec, run)
+    return {"job_id": job_id, "ended": run.ended, "frames": run.frames, "sent": len(run.sent),
+            "dropped": len(run.dropped), "reconnects": run.reconnects}
+
+
+def finish_stream(spec: JobSpec, run: StreamRun) -> None:
+    """The source is gone (or the limit reached): slots it ended within are recorded as such,
+    then the totals close the job once every slot sent has ended."""
+    jobs, job_id = resources.jobs(), spec.job_id
+    for slot in run.pending:
+        record_group(job_id, slot, {"error": "the stream ended before this slot's last keyframe"},
+                     clips.slot_keyframes(slot, spec.slot_size, spec.keyframe_stride))
+    info = VideoInfo(frames=run.frames, fps=run.fps, width=run.width, height=run.height)
+    slots = run.next_slot
+    jobs.update(job_id, video=info.model_dump_json(), keyframes_total=str(slots * spec.slot_size),
+                slots_total=str(len(run.sent)))
+    if jobs.set_groups_total(job_id, slots):
+        pipeline.send_finalize(app, job_id)
+

@@ -32,6 +32,18 @@ class Probe:
     of decoding its way there: files that declare a frame count and accept a seek."""
 
 
+FILE_CAPTURE_OPTIONS = "protocol_whitelist;file"
+"""FFmpeg options for every file zroact opens (OpenCV reads OPENCV_FFMPEG_CAPTURE_OPTIONS at
+each open): an uploaded playlist or SDP file can name network URLs, and FFmpeg's own default for
+a file (file, crypto, data) is wider than a file job needs — nothing in a file reaches a network."""
+
+
+def open_file(path: Path) -> cv2.VideoCapture:
+    """A capture of the local file ``path`` through FFmpeg, which may open no other protocol."""
+    os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = FILE_CAPTURE_OPTIONS
+    return cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+
+
 def resolve_video_path(path: str | os.PathLike, media_root: Path | None) -> Path:
     """The video's real path, checked to be a non-empty regular file under ``media_root``."""
     raw = Path(path)
@@ -54,7 +66,7 @@ def resolve_video_path(path: str | os.PathLike, media_root: Path | None) -> Path
 
 def probe(path: Path, *, max_pixels: int, max_frames: int, max_duration_s: float) -> Probe:
     """Open the video and check the limits the container declares."""
-    cap = cv2.VideoCapture(str(path))
+    cap = open_file(path)
     try:
         if not cap.isOpened():
             raise VideoDecodeError(str(path), "OpenCV cannot open it as a video")
@@ -83,7 +95,7 @@ def decode(path: Path, max_frames: int) -> Iterator[tuple[int, np.ndarray]]:
 
     Raises VideoLimitError past ``max_frames`` (the container's count can lie).
     """
-    cap = cv2.VideoCapture(str(path))
+    cap = open_file(path)
     try:
         index = 0
         while True:
@@ -109,7 +121,7 @@ def decode_span(path: Path, first: int, last: int, *, seek: bool,
     ``first`` are decoded and dropped (``grab``: no colour conversion)."""
     if first >= max_frames:
         raise VideoLimitError(str(path), f"more than MAX_FRAMES {max_frames} frames")
-    cap = cv2.VideoCapture(str(path))
+    cap = open_file(path)
     try:
         if not cap.isOpened():
             raise VideoDecodeError(str(path), "OpenCV cannot open it as a video")
