@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -745,3 +746,27 @@ def test_docs_list_every_service_and_what_down_v_deletes():
 def test_gitignore_keeps_models_and_builds_out():
     lines = (ROOT / ".gitignore").read_text().split()
     assert {"models/", "build/", ".env"} <= set(lines)
+
+
+def test_entrypoint_names_replicas_that_share_a_hostname_apart(tmp_path):
+    """WORKER_UNIQUE_NAME=true (host networking: every replica has the host's hostname): a new
+    random suffix at each start, kept where `health` reads it."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for program in ("zroact", "celery"):
+        (fake / program).write_text('#!/bin/sh\necho "$0 $*" >&2\n')  # health hides stdout
+        (fake / program).chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "WORKER_ROLE": "stage2", "WORKER_UNIQUE_NAME": "true",
+           "WORKER_NAME_FILE": str(tmp_path / "name")}
+    names = set()
+    for _ in range(2):
+        out = _entrypoint("-c", "2", env=env).stderr.split()
+        name = out[out.index("--name") + 1]
+        assert re.fullmatch(rf"stage2@{re.escape(socket.gethostname())}-[0-9a-f]{{8}}", name), out
+        assert (tmp_path / "name").read_text() == name + "\n"
+        health = _entrypoint("health", env=env).stderr.split()
+        assert health[health.index("--destination") + 1] == name
+        names.add(name)
+    assert len(names) == 2
+    plain = _entrypoint(env={**env, "WORKER_UNIQUE_NAME": ""}).stderr.split()
+    assert plain[plain.index("--name") + 1] == "stage2@%h"

@@ -9,11 +9,11 @@
 #
 # WORKER_UNIQUE_NAME=true: the node name is ROLE@<hostname>-<8 random hex digits>, new at each
 # start, for replicas that share one hostname (network_mode: host). It is kept in
-# /tmp/zroact-node-name, where `health` finds it.
+# /tmp/zroact-node-name (WORKER_NAME_FILE), where `health` finds it.
 set -eu
 
 role="${WORKER_ROLE:-}"
-name_file=/tmp/zroact-node-name
+name_file="${WORKER_NAME_FILE:-/tmp/zroact-node-name}"
 
 case "${1:-}" in
     "" | -*)
