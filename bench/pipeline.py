@@ -78,7 +78,22 @@ def run_zroact_variants(video: Path, warmup: Path, model: Path, scale: float) ->
                      "bound_stage1_busy_fraction": b.stage1_busy_s / b.makespan,
                      "requests": r["requests"], "statuses": r["statuses"],
                      "dispatch_p50_ms": d50, "dispatch_p99_ms": d99,
-                     "handoff_p50_ms": h50, "handoff_p99_ms": h99, "logs": r["logs"]}
+                     "handoff_p50_ms": h50, "handoff_p99_ms": h99, "logs": r["logs"],
+                     "gpu_busy_share": r["gpu_busy_s"] / r["makespan_s"],
+                     "gpu_idle_waiting_share": r["gpu_idle_waiting_s"] / r["makespan_s"],
+                     "gpu_calls": r["gpu_calls"],
+                     "handoff_parts_p50_p99_ms": {k: percentiles_ms(v) for k, v in
+                                                  r["handoff_parts_s"].items()},
+                     "cpu_ms_per_clip_by_role": {k: 1000 * v / (KEYFRAMES * setup.jobs) for k, v in
+                                                 {**r["cpu_by_role_s"], "bench": r["cpu_bench_s"]}.items()},
+                     # CPU of every process (workers, Redis, the bench's client and stand-ins)
+                     # per clip of the reference job; "excl. model": minus the real ONNX model
+                     # that the simulated GPU runs on the CPU (GPU work on a real machine).
+                     "cpu_ms_per_clip": 1000 * (r["cpu_workers_s"] + r["cpu_bench_s"])
+                                        / (KEYFRAMES * setup.jobs),
+                     "cpu_ms_per_clip_excl_model": 1000 * (r["cpu_workers_s"] + r["cpu_bench_s"]
+                                                           - r["model_infer_s"])
+                                                   / (KEYFRAMES * setup.jobs)}
     return out
 
 
@@ -109,13 +124,19 @@ def summarise(variants: dict[str, dict], scale: float) -> dict:
 
 def table(result: dict) -> str:
     head = (f"{'variant':36} {'makespan_s':>10} {'bound_s':>8} {'ratio':>6} {'S2 util':>7} "
-            f"{'disp p50/p99 ms':>16} {'handoff p50/p99 ms':>19}")
+            f"{'disp p50/p99 ms':>16} {'handoff p50/p99 ms':>19} {'GPU idle|wait':>13} "
+            f"{'bound busy':>10} {'CPU ms/clip':>11}")
     lines = [head, "-" * len(head)]
     for name, v in result["variants"].items():
         disp = f"{v['dispatch_p50_ms']:.1f}/{v['dispatch_p99_ms']:.1f}" if "dispatch_p50_ms" in v else "-"
         hand = f"{v['handoff_p50_ms']:.1f}/{v['handoff_p99_ms']:.1f}" if "handoff_p50_ms" in v else "-"
+        idle = f"{v['gpu_idle_waiting_share']:.1%}" if "gpu_idle_waiting_share" in v else "-"
+        busy = f"{v['bound_stage1_busy_fraction']:.0%}" if "bound_stage1_busy_fraction" in v else "-"
+        cpu = (f"{v['cpu_ms_per_clip']:.0f}/{v['cpu_ms_per_clip_excl_model']:.0f}"
+               if "cpu_ms_per_clip" in v else "-")
         lines.append(f"{name:36} {v['makespan_s']:10.2f} {v['bound_s']:8.2f} "
-                     f"{v['ratio_to_bound']:6.3f} {v['stage2_utilisation']:7.2f} {disp:>16} {hand:>19}")
+                     f"{v['ratio_to_bound']:6.3f} {v['stage2_utilisation']:7.2f} {disp:>16} {hand:>19}"
+                     f" {idle:>13} {busy:>10} {cpu:>11}")
     s = result["speedup_vs_seed_optimized"]
     lines += [
         "",

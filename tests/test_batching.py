@@ -68,6 +68,88 @@ def test_a_failing_batch_fails_every_caller_and_the_batcher_lives_on():
     assert batcher.infer(np.ones((1, 3), np.float32)).shape == (1, 1)
 
 
+def test_the_inference_thread_takes_the_most_urgent_clips_first():
+    started = threading.Event()
+    gate = threading.Event()
+    order: list[float] = []
+
+    def infer(x):
+        order.append(float(x[0, 0]))
+        if len(order) == 1:
+            started.set()
+            gate.wait(10)  # the first call holds the "GPU" while the others queue
+        return x
+
+    batcher = DynamicBatcher(infer, max_batch=1, timeout_s=0.0)
+    first = threading.Thread(target=batcher.infer, args=(np.full((1, 1), -1.0, np.float32),))
+    first.start()
+    assert started.wait(10)
+    threads = []
+    for value, priority in ((1.0, 9), (2.0, 5), (3.0, 0), (4.0, 9), (5.0, 0)):
+        t = threading.Thread(target=batcher.infer, args=(np.full((1, 1), value, np.float32),),
+                             kwargs={"priority": priority})
+        t.start()
+        threads.append(t)
+        time.sleep(0.02)  # arrival order
+    gate.set()
+    for t in [first, *threads]:
+        t.join(10)
+    assert order == [-1.0, 3.0, 5.0, 2.0, 1.0, 4.0]  # by priority, then arrival; one clip a call
+    assert batcher.calls == [1] * 6
+
+
+def test_frame_cache_fetches_and_decodes_each_frame_once():
+    import cv2
+
+    from zroact_tasks.stage1.detect import FrameCache
+
+    class Store:
+        def __init__(self):
+            self.asked: list[list[int]] = []
+
+        def get_many(self, job_id, indices, kind="full"):
+            self.asked.append(list(indices))
+            return {i: cv2.imencode(".png", np.full((4, 4, 3), i, np.uint8))[1].tobytes()
+                    for i in indices}
+
+    store, cache = Store(), FrameCache(max_frames=20)
+    a = cache.get_many(store, "j", list(range(0, 16)))
+    b = cache.get_many(store, "j", list(range(10, 26)))
+    assert store.asked == [list(range(16)), list(range(16, 26))]  # the 6 shared frames: cached
+    assert int(b[12][0, 0, 0]) == 12 and b[12] is a[12]
+    cache.get_many(store, "other", [0])
+    assert store.asked[-1] == [0]  # per job
+    assert len(cache._frames) == 20  # bounded: the least recently used went
+
+
+def test_a_stage1_only_worker_runs_pipelined_threads():
+    from types import SimpleNamespace
+
+    from celery.concurrency.prefork import TaskPool as Prefork
+
+    from zroact_tasks.config import Settings
+    from zroact_tasks.stage1 import tasks
+
+    assert tasks._pool_name(Prefork) == "prefork" and tasks._pool_name("threads") == "threads"
+    assert tasks.pipeline_threads(Settings(), 1) == 4
+    assert tasks.pipeline_threads(Settings(stage1_max_batch=8), 2) == 8
+
+    def worker(queues, pool=Prefork, concurrency=1):
+        app = SimpleNamespace(amqp=SimpleNamespace(queues=SimpleNamespace(
+            consume_from={q: None for q in queues})))
+        return SimpleNamespace(app=app, pool_cls=pool, concurrency=concurrency)
+
+    control = worker(["control"])
+    tasks._choose_pool(sender=control)
+    assert control.pool_cls is Prefork and control.concurrency == 1  # other roles untouched
+    try:
+        stage1 = worker(["stage1"], concurrency=2)
+        tasks._choose_pool(sender=stage1)
+        assert (stage1.pool_cls, stage1.concurrency) == ("threads", 4)
+    finally:
+        tasks._pipelined = False
+
+
 def _batching_env(assets, standin, tmp_path, timeout_ms: float) -> dict[str, str]:
     options = {"gpu_lock": str(tmp_path / "gpu.lock"), "per_clip_s": 0.02, "fixed_s": 0.1,
                "log_file": str(tmp_path / "calls.jsonl")}

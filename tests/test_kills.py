@@ -36,16 +36,24 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
+PREFORK = {"ZROACT_STAGE1_PIPELINE_DEPTH": "0"}
+"""A Stage 1 worker as a prefork pool (one clip per process), not the pipelined default."""
+
+
 @pytest.fixture
 def slow_cluster(redis_server, standin, assets, tmp_path, request):
-    """A cluster on its own database whose Stage 1 takes 0.4 s a clip (a simulated GPU)."""
+    """A cluster on its own database whose Stage 1 takes 0.4 s a clip (a simulated GPU);
+    parametrize it indirectly with extra environment (``PREFORK``, GPU options)."""
+    extra = dict(getattr(request, "param", {}))
     url = redis_server.url.rsplit("/", 1)[0] + "/8"
     redis.Redis.from_url(url).flushdb()  # nothing left over from an earlier test's cluster
-    options = {"gpu_lock": str(tmp_path / "gpu.lock"), "per_clip_s": 0.4}
+    options = {"gpu_lock": str(tmp_path / "gpu.lock"), "per_clip_s": 0.4,
+               **json.loads(extra.pop("gpu", "{}"))}
     env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url,
            "ZROACT_DETECTOR": "zroact_tasks.testing.simgpu:SimulatedGPUDetector",
            "ZROACT_DETECTOR_OPTIONS": json.dumps(options),
-           "ZROACT_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S), "ZROACT_VLM_TIMEOUT_S": "30"}
+           "ZROACT_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S), "ZROACT_VLM_TIMEOUT_S": "30",
+           **extra}
     cluster, client = start_cluster(url, env, tmp_path / "logs")
     yield cluster, client
     cluster.stop()
@@ -72,10 +80,11 @@ def assert_complete_once(report, recorder, n_slots: int) -> None:
     # Runs, not ids: a body that ran twice keeps its one id ({job}:slot:N) but starts twice.
     groups = -(-len(report.keyframes) // 3)  # SLOT_SIZE 3: full slots and a trailing partial one
     bodies = recorder.log.starts("zroact.control.slot_ready", prefix=report.job_id)
-    assert sorted(bodies) == [f"{report.job_id}:slot:{g}" for g in range(groups)], bodies
+    assert sorted(bodies) == sorted(f"{report.job_id}:slot:{g}" for g in range(groups)), bodies
     assert set(bodies.values()) == {1}, bodies  # each chord body ran once
 
 
+@pytest.mark.parametrize("slow_cluster", [PREFORK], indirect=True)
 def test_sigkill_of_a_stage1_pool_child_mid_task(slow_cluster, assets):
     cluster, client = slow_cluster
     stage1 = role(cluster, "stage1")
@@ -119,6 +128,7 @@ def test_sigkill_of_stage2_pool_children_mid_request(slow_cluster, standin, asse
     assert len(standin.requests) - first == 2  # the killed request was made again, once
 
 
+@pytest.mark.parametrize("slow_cluster", [PREFORK], indirect=True)
 def test_sigkill_of_a_whole_worker_redelivers_after_the_visibility_timeout(slow_cluster, assets):
     cluster, client = slow_cluster
     stage1 = role(cluster, "stage1")
@@ -146,6 +156,53 @@ def test_sigkill_of_a_whole_worker_redelivers_after_the_visibility_timeout(slow_
     # 1 s restore scan: generous bound for a loaded machine.
     assert VISIBILITY_TIMEOUT_S - 1 < waited
     assert waited < VISIBILITY_TIMEOUT_S + 15
+
+
+@pytest.mark.parametrize("slow_cluster", [{"gpu": json.dumps({"per_clip_s": 0.25})}],
+                         indirect=True)
+def test_sigkill_of_a_pipelined_stage1_worker_holding_prefetched_clips(slow_cluster, assets):
+    """The pipelined worker (default) holds STAGE1_PIPELINE_DEPTH clips at once: one inferred,
+    the others reserved and prepared. Killed, every one comes back and each result is recorded
+    once."""
+    from zroact_tasks.events import events_key
+
+    cluster, client = slow_cluster
+    stage1 = role(cluster, "stage1")
+    assert pool_children(stage1.proc.pid) == []  # one process: threads, not a prefork pool
+    with EventRecorder(client.app) as recorder:
+        job = client.submit(assets["video"])  # 41 clips of 0.25 s, 13 slots
+        wait_until(lambda: job.status().stage1_done >= 3, 60, "three clips")
+        wait_until(lambda: len(in_flight_on(recorder, stage1.name)) >= 4, 10, "a full pipeline")
+        cluster.workers.remove(stage1)
+        stage1.signal(signal.SIGKILL)
+        in_flight = in_flight_on(recorder, stage1.name)
+        done_before = {t.id for t in recorder.log.tasks.values()
+                       if t.name == "zroact.stage1.detect_clips" and t.succeeded}
+        stage1.proc.wait()
+        replacement = cluster.add_worker("stage1")
+        cluster.wait_ready(client.app, workers=[replacement])
+        report = job.wait(timeout=VISIBILITY_TIMEOUT_S + 90)
+        time.sleep(0.3)
+    assert_complete_once(report, recorder, 13)
+    # The killed worker held more than the clip on the GPU: prefetched, prepared ones too.
+    assert len(in_flight) >= 2, in_flight
+    clips = {i: t for i, t in recorder.log.tasks.items() if t.name == "zroact.stage1.detect_clips"
+             and i.startswith(job.id)}
+    assert len(clips) == 41
+    for tid in in_flight:  # each came back, ran on the replacement, reported once
+        t = clips[tid]
+        assert t.start_hosts == [stage1.name, replacement.name] and t.succeeded == 1, t
+    for tid in done_before:  # a clip acked before the kill never ran again
+        assert clips[tid].starts == 1, clips[tid]
+    assert all(t.succeeded == 1 and t.failed == 0 for t in clips.values())
+    # Each keyframe's result recorded once: one keyframe event each in the job's stream.
+    r = client.jobs.r
+    entries = r.xrange(events_key(job.id))
+    kinds = [(e[1].get(b"kind") or e[1].get("kind")) for e in entries]
+    keyframe_events = [e for e, k in zip(entries, kinds) if k in (b"keyframe", "keyframe")]
+    indices = [json.loads(e[1].get(b"data") or e[1].get("data"))["keyframe"]
+               for e in keyframe_events]
+    assert sorted(indices) == [k.index for k in report.keyframes] and len(set(indices)) == 41
 
 
 def test_a_task_that_kills_every_worker_is_not_requeued_forever(redis_server, assets, tmp_path):

@@ -1,17 +1,21 @@
-"""Cross-task dynamic batching for Stage 1: clips of concurrent tasks share one inference call.
+"""The inference thread of a Stage 1 process, and cross-task dynamic batching.
 
-A Stage 1 worker in batching mode runs a thread pool (``-P threads -c STAGE1_MAX_BATCH``, so its
-prefetch window is as large as the biggest batch). Each task thread preprocesses its own clips and
-hands them to the one :class:`DynamicBatcher` of the process, which runs an inference call as soon
-as ``max_batch`` clips wait or ``timeout_s`` after the oldest arrived, whichever comes first, and
-hands every task its own rows back. Tasks stay one message each: acked late, redelivered if the
-worker dies with clips still buffered, and each result goes to its own chord.
+A pipelined Stage 1 worker (the default, stage1/tasks.py) runs a thread pool: each task thread
+fetches, decodes and preprocesses its own clips, hands them to the one :class:`DynamicBatcher`
+of the process -- its one inference thread, the only caller of the session -- and post-processes
+and records the rows it gets back, off the inference path. The batcher runs a call as soon as
+``max_batch`` clips wait or ``timeout_s`` after the oldest arrived, whichever comes first
+(``max_batch`` 1: at once, one clip a call), the most urgent clips first (the message's
+priority, then arrival), and hands every task its own rows back. Tasks stay one message each:
+acked late, redelivered if the worker dies with clips still buffered, and each result goes to its
+own chord.
 
 celery-batches would buffer messages in the consumer instead, but it requires Celery < 5.7.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -25,11 +29,16 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-@dataclass
+_order = itertools.count()
+
+
+@dataclass(order=True)
 class _Pending:
-    clips: np.ndarray
-    arrived: float = field(default_factory=time.monotonic)
-    result: Future = field(default_factory=Future)
+    priority: int
+    seq: int
+    clips: np.ndarray = field(compare=False)
+    arrived: float = field(default_factory=time.monotonic, compare=False)
+    result: Future = field(default_factory=Future, compare=False)
 
 
 class DynamicBatcher:
@@ -39,14 +48,15 @@ class DynamicBatcher:
     def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch: int,
                  timeout_s: float) -> None:
         self._infer, self.max_batch, self.timeout_s = infer, max_batch, timeout_s
-        self._queue: queue.Queue[_Pending] = queue.Queue()
+        self._queue: queue.PriorityQueue[_Pending] = queue.PriorityQueue()
         self.calls: list[int] = []  # clips per inference call, for tests and stats
         self._thread = threading.Thread(target=self._run, name="stage1-batcher", daemon=True)
         self._thread.start()
 
-    def infer(self, clips: np.ndarray) -> np.ndarray:
-        """Inference on ``clips`` ([n, 3, T, H, W]); blocks until its batch has run."""
-        pending = _Pending(clips)
+    def infer(self, clips: np.ndarray, priority: int = 0) -> np.ndarray:
+        """Inference on ``clips`` ([n, 3, T, H, W]); blocks until its batch has run. Waiting
+        clips go by ``priority`` (0 = most urgent), then in arrival order."""
+        pending = _Pending(int(priority), next(_order), clips)
         self._queue.put(pending)
         return pending.result.result()
 
@@ -67,13 +77,15 @@ class DynamicBatcher:
         while True:
             batch = self._collect()
             try:
-                output = self._infer(np.concatenate([p.clips for p in batch]))
+                clips = batch[0].clips if len(batch) == 1 else np.concatenate([p.clips for p in batch])
+                output = self._infer(clips)  # (one task's clips: no copy on the inference path)
             except BaseException as exc:  # every waiting task gets the error, the thread lives on
                 log.exception("batched inference of %d requests failed", len(batch))
                 for p in batch:
                     p.result.set_exception(exc)
                 continue
-            self.calls.append(len(output))
+            if len(self.calls) < 100_000:
+                self.calls.append(len(output))
             start = 0
             for p in batch:
                 p.result.set_result(output[start : start + len(p.clips)])
