@@ -220,14 +220,18 @@ twice = {image: n for image, n in built.items() if n > 1}
 sys.exit(f"built by several services: {twice}" if twice else 0)' || fail "an image is built more than once"
 
 # --- defect 1: an api whose uploads/ it cannot write refuses to start, in one line ------------
+# Both ways the quick start could go wrong: MEDIA_DIR made by root without uploads/, and uploads/
+# made by root too.
 t=$(now)
-install -d -m 0755 "$T/media-root-only"
-if out=$(MEDIA_DIR="$T/media-root-only" timeout 120 "${DC[@]}" run --rm --no-deps -T api 2>&1); then
-    fail "the api started although it cannot write MEDIA_DIR/uploads"
-fi
-grep -q "zroact: error: .*upload" <<<"$out" || fail "the api's refusal does not say why: $out"
-echo "   $(grep "zroact: error" <<<"$out" | tail -1)"
-record "api refuses an unwritable MEDIA_DIR" "$t"
+install -d -m 0755 "$T/media-root-only" "$T/media-root-uploads" "$T/media-root-uploads/uploads"
+for dir in media-root-only media-root-uploads; do
+    if out=$(MEDIA_DIR="$T/$dir" timeout 120 "${DC[@]}" run --rm --no-deps -T api 2>&1); then
+        fail "the api started although it cannot write $dir/uploads"
+    fi
+    [ "$(grep -c "zroact: error: .*upload" <<<"$out")" = 1 ] || fail "the api's refusal is not one line saying why: $out"
+    echo "   $(grep "zroact: error" <<<"$out")"
+done
+record "api refuses an unwritable MEDIA_DIR/uploads" "$t"
 
 # --- up ----------------------------------------------------------------------------------------
 t=$(now)
