@@ -509,3 +509,11 @@ def test_an_api_whose_media_root_no_control_worker_shares_refuses_jobs(api_setti
         assert str(other.resolve()) in detail and str(media.resolve()) in detail
         assert "ZROACT_MEDIA_ROOT" in detail and "\n" not in detail
         assert os.listdir(other / UPLOAD_DIR) == []  # nothing was stored
+
+
+def test_a_live_source_outside_stream_sources_is_422(http):
+    """The API's STREAM_SOURCES is empty (the default): no live source is accepted."""
+    for body in ({"path": "rtsp://127.0.0.1:8554/cam"}, {"path": "http://127.0.0.1:9/live.mjpg"}):
+        resp = http.post("/v1/jobs", json=body)
+        assert resp.status_code == 422, resp.text
+        assert "not under an allowed ZROACT_STREAM_SOURCES prefix (allowed: none)" in resp.json()["detail"]

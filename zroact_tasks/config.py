@@ -172,8 +172,9 @@ class Settings(BaseSettings):
     """A dropped source is reopened with backoff (0.5 s doubling to 8 s) for this long; then the
     stream has ended and so does the job."""
     stream_backlog_slots: int = Field(8, ge=1)
-    """Slots of a stream waiting for Stage 1 beyond the job's window: past this the reader drops
-    new slots (each recorded "dropped: …") instead of queueing, so it stays at the live edge."""
+    """Slots of a stream sent but not yet through Stage 1 and Stage 2: at this many the reader
+    drops new slots (each recorded "dropped: …") instead of queueing them, so a job whose
+    Stage 2 is slower than real time runs at most this many slots behind the live edge."""
     stream_keep_slots: int = Field(600, ge=10)
     """A stream's records and report keep its last this many slots (a rolling window; the
     report's ``stream`` summary counts them all)."""

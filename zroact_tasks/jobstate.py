@@ -371,6 +371,10 @@ class JobStore:
                                 args=[str(group), json.dumps(record), self.ttl_s, time.time(),
                                       event, self.events_max]))
 
+    def unfinished_slots(self, job_id: str) -> int:
+        """Slots offered that have not ended (Stage 1, the wait for Stage 2, Stage 2)."""
+        return len(self.r.sdiff(_key(job_id, "offered"), _key(job_id, "groups_done")))
+
     def trim_slot(self, job_id: str, slot: int, keyframes: list[int]) -> None:
         """Forget a slot's records (a stream's rolling window); its ``groups_done`` entry stays,
         so the job's barrier still counts it."""

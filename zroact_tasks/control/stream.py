@@ -213,14 +213,14 @@ def _decide(slot: int, slots: _Slots, run: StreamRun, jobs: JobStore, store: Fra
     """Take the slot while the job's backlog has room, else record it dropped; and forget the
     slot that falls out of the rolling window."""
     job_id = slots.spec.job_id
-    backlog = jobs.r.llen(f"zroact:job:{job_id}:pending")
+    backlog = jobs.unfinished_slots(job_id)  # sent, not yet through Stage 1 and Stage 2
     if backlog < settings.stream_backlog_slots:
         slots.taken.add(slot)
     else:
         run.dropped.append(slot)
         jobs.r.hincrby(f"zroact:job:{job_id}", "stream_dropped", 1)
-        jobs.record_group(job_id, slot, {"error": f"dropped: {backlog} slots were waiting for "
-                                                  "Stage 1 (behind the live edge)"},
+        jobs.record_group(job_id, slot, {"error": f"dropped: {backlog} slots were still in "
+                                                  "Stage 1 or 2 (behind the live edge)"},
                           slots.keyframes(slot))
         store.free(job_id, ended_slot=slot)
     old = slot - settings.stream_keep_slots
