@@ -1,9 +1,7 @@
 """zroact: two-stage video inference (action detection -> VLM judge) on Celery + Redis."""
 
-from __future__ import annotations
-
-from importlib import import_module
-from typing import Any
+from importlib import import_module as _import_module
+from typing import Any as _Any
 
 from .config import Settings, get_settings
 from .errors import (
@@ -19,9 +17,9 @@ _LAZY = {"Client": ".client", "Job": ".client"}
 ``import zroact_tasks`` (and ``zroact --help``) never fails on a bad ZROACT_* value."""
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     if name in _LAZY:
-        value = getattr(import_module(_LAZY[name], __name__), name)
+        value = getattr(_import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
