@@ -25,6 +25,8 @@ from .conftest import start_cluster
 LATENCY_BOUND_S = 5.0
 BACKLOG = 4
 """STREAM_BACKLOG_SLOTS of the live cluster: a VLM answering in 0.5 s never lets 4 slots pile up."""
+KEEP = 20
+"""STREAM_KEEP_SLOTS of the live cluster: the rolling window a 60 s stream (~60 slots) overflows."""
 
 
 def test_only_allowed_sources_and_credentials_never_shown():
@@ -92,7 +94,7 @@ def live(redis_server, assets, tmp_path_factory):
     with VLLMStandIn(model="Qwen/Qwen2.5-VL-3B-Instruct", latency_s=0.5) as vlm:
         env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": vlm.url,
                "ZROACT_STREAM_SOURCES": "http://127.0.0.1:", "ZROACT_STREAM_RECONNECT_S": "3",
-               "ZROACT_STREAM_BACKLOG_SLOTS": str(BACKLOG)}
+               "ZROACT_STREAM_BACKLOG_SLOTS": str(BACKLOG), "ZROACT_STREAM_KEEP_SLOTS": str(KEEP)}
         cluster, _ = start_cluster(url, env, tmp_path_factory.mktemp("live-logs"))
         from zroact_tasks.client import Client
 
@@ -141,6 +143,12 @@ def test_a_live_camera_gives_verdicts_as_it_plays_reconnects_and_stops_on_cancel
     assert ended_at - cancelled_at <= 2.0, ended_at - cancelled_at  # stopped within 2 s
     assert report.stream.reconnects >= 1 and camera.connections >= 2  # the drop was survived
     assert report.stream.ended == "stopped" and report.stream.dropped <= 2  # (a stall of a busy machine)
+    # What it keeps is a rolling window: the last KEEP slots' records (and the slots still in
+    # flight when it stopped), while the summary counts the whole stream.
+    assert report.stream.slots >= 50 and report.stream.kept_slots == KEEP
+    kept = [s.slot for s in report.slots]
+    assert len(kept) <= KEEP + BACKLOG + 2 and min(kept) >= report.stream.slots - KEEP - BACKLOG - 2
+    assert len(report.keyframes) <= 3 * (KEEP + BACKLOG + 2)
     # Verdicts all along the 60 s (a slot is 1 s at 30 fps), before and after the drop.
     assert len(slot_events) >= 45, len(slot_events)
     assert any(e.keyframes[0] > 25 * 30 for e in slot_events)
