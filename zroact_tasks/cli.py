@@ -79,6 +79,8 @@ def handles_errors(func):
             if debug:
                 traceback.print_exc()
             _fail(f"lost the cluster's Redis: {_first_line(exc)}", EXIT_FAILED)
+        except KeyboardInterrupt:  # Ctrl-C: a submitted job goes on (zroact cancel ends it)
+            _fail("interrupted", 130)
     return wrapper
 
 
