@@ -28,7 +28,7 @@ import pytest
 from zroact_tasks.errors import VLMResponseError, VLMUnavailableError
 from zroact_tasks.models import Verdict
 from zroact_tasks.stage2.image_tokens import QWEN2_VL, rule_for
-from zroact_tasks.stage2.vlm import VLMClient, image_part, verdict_schema
+from zroact_tasks.stage2.vlm import VLMClient, image_part, parse_verdict, verdict_schema
 from zroact_tasks.testing.tiny_llm import TINY_VL_MODEL_NAME, VL_MODEL_DIR_NAME, RealVLLMServer
 from zroact_tasks.testing.vllm_standin import VLLMStandIn
 
@@ -433,3 +433,22 @@ def test_images_of_a_request_refused_for_length(server, request):
 
 def image_error_for(server, frames: list[bytes]) -> httpx.Response:
     return post(server, image_body(make_client(server), [data_url(f) for f in frames]))
+
+
+def test_stage2_fits_three_full_hd_frames_into_the_context(server):
+    """Stage 2's own path (``slot_images``): three 1080p keyframes would be a 400 for length as
+    they are; fitted by the card's family and max_model_len, the request is answered and the
+    prompt leaves the answer its room."""
+    from zroact_tasks.config import Settings
+    from zroact_tasks.stage2.tasks import slot_images
+
+    client = make_client(server)
+    assert 3 * IMAGE_TOKENS[(1920, 1080)] > MAX_MODEL_LEN  # as stored, the server refuses them
+    frames = [frame(1920, 1080, 30 + seed) for seed in range(3)]
+    images, sizes = slot_images(frames, PROMPT, client, Settings())
+    (w, h), = set(sizes)
+    assert w < 1920 and w % 28 == 0 and h % 28 == 0
+    r = post(server, client.build_request(images, PROMPT))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] + client.max_tokens <= MAX_MODEL_LEN
+    assert isinstance(parse_verdict(r.json(), client.max_tokens), Verdict)
