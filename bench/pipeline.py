@@ -81,6 +81,7 @@ def run_zroact_variants(video: Path, warmup: Path, model: Path, scale: float) ->
                      "handoff_p50_ms": h50, "handoff_p99_ms": h99, "logs": r["logs"],
                      "gpu_busy_share": r["gpu_busy_s"] / r["makespan_s"],
                      "gpu_idle_waiting_share": r["gpu_idle_waiting_s"] / r["makespan_s"],
+                     "gpu_idle_clips_wait_share": r["gpu_idle_clips_wait_s"] / r["makespan_s"],
                      "gpu_calls": r["gpu_calls"],
                      "handoff_parts_p50_p99_ms": {k: percentiles_ms(v) for k, v in
                                                   r["handoff_parts_s"].items()},

@@ -53,6 +53,44 @@ def cpu_between(before: dict, after: dict, names: dict[int, str] | None = None) 
     return out
 
 
+def gpu_idle_while_clips_wait(gpu_calls: list[dict], stage1_tasks: list, start: float,
+                              end: float) -> float:
+    """Seconds in [start, end] when the simulated GPU (its own log) was idle while some clip
+    sent to Stage 1 had not started on it yet: clips sent so far (task-sent events) minus clips
+    of the calls that have taken the GPU so far > 0. That is the GPU waiting for the CPU (the
+    clip queued, reserved or being prepared), not for ingest or for Stage 2."""
+    events = sorted([(t.sent, 0, 1) for t in stage1_tasks if t.sent] +
+                    [(c["t_lock_acquired"], 1, -c["n"]) for c in gpu_calls])
+    busy = sorted((c["t_lock_acquired"], c["t_end"]) for c in gpu_calls)
+    idle, waiting, cursor, k = 0.0, 0, start, 0
+    busy_until = float("-inf")
+
+    def idle_between(a: float, b: float) -> float:
+        nonlocal k, busy_until
+        total, t = 0.0, a
+        while t < b:
+            while k < len(busy) and busy[k][1] <= t:
+                busy_until = max(busy_until, busy[k][1])
+                k += 1
+            if k < len(busy) and busy[k][0] <= t:  # inside a busy interval
+                t = min(b, busy[k][1])
+                continue
+            nxt = busy[k][0] if k < len(busy) else b
+            total += min(b, nxt) - t
+            t = min(b, nxt)
+        return total
+
+    for when, _, delta in events:
+        when = min(max(when, start), end)
+        if waiting > 0 and when > cursor:
+            idle += idle_between(cursor, when)
+        cursor = max(cursor, when)
+        waiting += delta
+    if waiting > 0 and end > cursor:
+        idle += idle_between(cursor, end)
+    return idle
+
+
 def gpu_idle_while_waiting(gpu_calls: list[dict], stage1_tasks: list, start: float,
                            end: float) -> float:
     """Seconds in [start, end] when the simulated GPU (its own log: lock held) was idle while
@@ -206,6 +244,7 @@ def run_zroact(setup: Setup, *, video: Path, warmup_video: Path, model: Path, sc
         "gpu_busy_s": sum(c["t_end"] - c["t_lock_acquired"] for c in gpu_calls),
         "gpu_calls": len(gpu_calls),
         "gpu_idle_waiting_s": gpu_idle_while_waiting(gpu_calls, stage1_tasks, start, end),
+        "gpu_idle_clips_wait_s": gpu_idle_while_clips_wait(gpu_calls, stage1_tasks, start, end),
         "cpu_workers_s": cpu_workers, "cpu_bench_s": cpu_bench, "model_infer_s": model_cpu,
         "cpu_by_role_s": cpu_roles,
         "stage1_log": (tmp / "stage1.jsonl").read_text() if (tmp / "stage1.jsonl").exists() else "",

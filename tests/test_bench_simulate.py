@@ -195,3 +195,17 @@ def test_seed_pipeline_smoke(variant, model, tmp_path, monkeypatch):
     assert r["makespan_s"] > 0 and 0 < r["decode_s"] < r["first_stage2_start_s"]
     (start, end), = r["stage2_request_times"]
     assert end - start >= 0.05 and end <= r["makespan_s"]
+
+
+def test_gpu_idle_counts_only_while_sent_clips_have_not_reached_the_gpu():
+    from types import SimpleNamespace
+
+    from bench.zroact_runs import gpu_idle_while_clips_wait
+
+    calls = [{"t_lock_acquired": 1.0, "t_end": 2.0, "n": 1},
+             {"t_lock_acquired": 3.0, "t_end": 4.0, "n": 1},
+             {"t_lock_acquired": 6.0, "t_end": 6.5, "n": 2}]
+    sent = [SimpleNamespace(sent=t) for t in (0.5, 0.6, 5.0, 5.5)]
+    # waiting: 0.5-1.0 (2 clips), 2.0-3.0 (1), nothing 4.0-5.0 (no clip sent), 5.0-6.0 (1-2)
+    assert gpu_idle_while_clips_wait(calls, sent, 0.0, 7.0) == pytest.approx(2.5)
+    assert gpu_idle_while_clips_wait(calls, sent, 0.8, 5.5) == pytest.approx(0.2 + 1.0 + 0.5)
