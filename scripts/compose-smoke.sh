@@ -279,10 +279,12 @@ record "scale stage1=2 stage2=2" "$t"
 check "3 jobs on 2+2 replicas, each got work" scale sample.mp4 --jobs 3 --replicas 2
 
 # --- defect 2: a stage2 replica killed mid-job ------------------------------------------------
-# Its slots come back once its heartbeat is WORKER_LOST_S (30 s) old, within RECONCILE_INTERVAL_S
-# (2 s) more (README "Faults"), whatever the visibility timeout; the job then finishes its
-# remaining slots. docs/deployment.md documents the bound asserted here.
-BOUND=${SMOKE_RECOVERY_BOUND_S:-90}
+# The tasks it held come back once its heartbeat is WORKER_LOST_S (30 s) old, within
+# RECONCILE_INTERVAL_S (2 s) more (README "Faults"), whatever the visibility timeout (1200 s
+# here, .env.example's); another replica runs them and the job succeeds. docs/deployment.md
+# documents the bound asserted here: started again within 45 s of the kill (32 s + a margin for
+# a loaded machine).
+BOUND=${SMOKE_RECOVERY_BOUND_S:-45}
 check "kill a stage2 worker process (restarted)" kill worker sample.mp4 --bound "$BOUND"
 check "docker kill a stage2 replica (stays down)" kill container sample.mp4 --bound "$BOUND"
 t=$(now)

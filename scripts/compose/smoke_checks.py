@@ -65,8 +65,8 @@ def flower_tasks() -> dict:
 
 
 def job_tasks(job_id: str) -> list[dict]:
-    """Flower's tasks of this job (its id is in every task's arguments)."""
-    return [t for t in flower_tasks().values()
+    """Flower's tasks of this job (its id is in every task's arguments), each with its uuid."""
+    return [{**t, "uuid": uuid_} for uuid_, t in flower_tasks().items()
             if job_id in f"{t.get('args')}{t.get('kwargs')}"]
 
 
@@ -199,8 +199,9 @@ def node_name(container: str) -> str:
 
 
 def cmd_kill(args) -> dict:
-    """A stage2 replica dies while it runs a job's Stage 2 tasks; the job still succeeds, on the
-    other replica, within the documented recovery time.
+    """A stage2 replica dies while it runs a job's Stage 2 tasks; the tasks it held run again on
+    another replica within the documented recovery time (``--bound``: WORKER_LOST_S +
+    RECONCILE_INTERVAL_S + a margin), and the job succeeds.
 
     worker:    the worker process inside the replica is SIGKILLed (the container exits; the
                restart policy starts it again, as a new holder).
@@ -213,7 +214,8 @@ def cmd_kill(args) -> dict:
     victim, survivor = containers[0], containers[1]
     victim_node, survivor_node = node_name(victim), node_name(survivor)
     restarts = int(docker("inspect", "-f", "{{.RestartCount}}", victim))
-    c = client()
+    init_pid = docker("inspect", "-f", "{{.State.Pid}}", victim).strip()  # looked up before: the
+    c = client()                                                           # kill must be quick
     job = c.submit(args.video)
     t_submit = time.monotonic()
     # Wait until the victim is running at least one of this job's Stage 2 tasks.
@@ -228,20 +230,36 @@ def cmd_kill(args) -> dict:
                               f"job {job.id} in time")
         time.sleep(0.2)
     if args.mode == "worker":
-        init_pid = docker("inspect", "-f", "{{.State.Pid}}", victim).strip()
         children = Path(f"/proc/{init_pid}/task/{init_pid}/children").read_text().split()
         if not children:
             raise CheckFailed(f"no worker process under the victim's init (pid {init_pid})")
+        kill_wall = time.time()
         subprocess.run(["kill", "-KILL", *children], check=True)
     else:
+        kill_wall = time.time()
         docker("kill", victim)
     t_kill = time.monotonic()
     report = job.wait(timeout=args.timeout)
-    recovered = time.monotonic() - t_kill
+    completed = time.monotonic() - t_kill
     out = check_report(report, f"kill {args.mode}")
-    if recovered > args.bound:
-        raise CheckFailed(f"kill {args.mode}: job {job.id} completed {recovered:.1f} s after the "
-                          f"kill, over the documented bound {args.bound} s")
+    # When each task the victim was running started again elsewhere (Flower: the same task id,
+    # started by another worker; workers' clocks are this host's). One that the victim finished
+    # in the instant before the kill is not given back: left out.
+    rerun = {t["uuid"]: t for t in job_tasks(job.id)}
+    held_ids = {t["uuid"] for t in held
+                if not (rerun.get(t["uuid"], {}).get("worker") == victim_node
+                        and rerun[t["uuid"]].get("state") == "SUCCESS")}
+    if not held_ids:
+        raise CheckFailed(f"kill {args.mode}: the victim finished its tasks before the kill")
+    late = [i for i in held_ids if rerun.get(i, {}).get("worker") in (None, victim_node)
+            or rerun[i].get("state") != "SUCCESS" or not rerun[i].get("started")]
+    if late:
+        raise CheckFailed(f"kill {args.mode}: task(s) {late} held by {victim_node} did not run "
+                          f"again elsewhere ({[rerun.get(i) for i in late]})")
+    redelivered = max(rerun[i]["started"] for i in held_ids) - kill_wall
+    if redelivered > args.bound:
+        raise CheckFailed(f"kill {args.mode}: the victim's task(s) started again {redelivered:.1f} s "
+                          f"after the kill, over the documented bound {args.bound} s")
     judged = {}
     for t in job_tasks(job.id):
         if t.get("name") == pipeline.JUDGE and t.get("state") == "SUCCESS":
@@ -262,7 +280,9 @@ def cmd_kill(args) -> dict:
     if judged.get(survivor_node, 0) < 1:
         raise CheckFailed(f"kill {args.mode}: the other replica {survivor_node} judged no slot "
                           f"of job {job.id} ({judged})")
-    return {**out, "mode": args.mode, "victim": victim_node, "recovered_s": round(recovered, 1),
+    return {**out, "mode": args.mode, "victim": victim_node, "held": len(held_ids),
+            "rerun_after_s": round(redelivered, 1), "job_done_after_s": round(completed, 1),
+            "rerun_by": sorted({rerun[i]["worker"] for i in held_ids}),
             "judged_by": judged, "victim_restarts": new_restarts}
 
 
