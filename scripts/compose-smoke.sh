@@ -184,7 +184,7 @@ SMOKE_VLLM_PORT=$p_vllm
 SMOKE_API_PORT=$p_api
 SMOKE_FLOWER_PORT=$p_flower
 SMOKE_METRICS_PORT=$p_metrics
-SMOKE_VLM_LATENCY_S=${SMOKE_VLM_LATENCY_S:-1.0}
+SMOKE_VLM_LATENCY_S=${SMOKE_VLM_LATENCY_S:-2.0}
 EOF
 
 # .env.example as shipped starts nothing: each secret is empty there, and Compose refuses.
@@ -285,6 +285,8 @@ check "3 jobs on 2+2 replicas, each got work" scale sample.mp4 --jobs 3 --replic
 # documents the bound asserted here: started again within 45 s of the kill (32 s + a margin for
 # a loaded machine).
 BOUND=${SMOKE_RECOVERY_BOUND_S:-45}
+# The victim is killed while a task it started less than 1 s ago waits for the stand-in's 2 s
+# answer (SMOKE_VLM_LATENCY_S), so the kill always catches a task in flight.
 check "kill a stage2 worker process (restarted)" kill worker sample.mp4 --bound "$BOUND"
 check "docker kill a stage2 replica (stays down)" kill container sample.mp4 --bound "$BOUND"
 t=$(now)

@@ -218,11 +218,13 @@ def cmd_kill(args) -> dict:
     c = client()                                                           # kill must be quick
     job = c.submit(args.video)
     t_submit = time.monotonic()
-    # Wait until the victim is running at least one of this job's Stage 2 tasks.
+    # Wait until the victim is running one of this job's Stage 2 tasks, started so recently that
+    # it is still waiting for the VLM (SMOKE_VLM_LATENCY_S per request) when the kill lands.
     while True:
         held = [t for t in job_tasks(job.id)
                 if t.get("name") == pipeline.JUDGE and t.get("worker") == victim_node
-                and t.get("state") == "STARTED"]
+                and t.get("state") == "STARTED"
+                and time.time() - (t.get("started") or 0) < args.fresh_s]
         if held:
             break
         if job.status().state in FINAL or time.monotonic() - t_submit > 120:
@@ -300,6 +302,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=600); p.set_defaults(fn=cmd_scale)
     p = sub.add_parser("kill"); p.add_argument("mode", choices=["worker", "container"])
     p.add_argument("video"); p.add_argument("--bound", type=float, required=True)
+    p.add_argument("--fresh-s", type=float, default=1.0)
     p.add_argument("--timeout", type=float, default=600); p.set_defaults(fn=cmd_kill)
     args = parser.parse_args(argv)
     try:
