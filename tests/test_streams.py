@@ -106,6 +106,7 @@ def live(redis_server, assets, tmp_path_factory):
             client.close()
 
 
+@pytest.mark.live
 def test_a_live_camera_gives_verdicts_as_it_plays_reconnects_and_stops_on_cancel(live):
     """60 s of a real-time MJPEG camera that drops the connection once at 25 s: each slot's
     verdict event comes within 5 s of the camera sending the slot's last frame, the reader
@@ -162,6 +163,7 @@ def test_a_live_camera_gives_verdicts_as_it_plays_reconnects_and_stops_on_cancel
     assert int(r.get(USED) or 0) == 0  # all freed at the end
 
 
+@pytest.mark.live
 def test_a_stage2_slower_than_real_time_drops_slots_and_stays_near_the_live_edge(live):
     """The VLM answers in 12 s (3 in flight: 0.25 slots/s against the camera's 1 slot/s): the
     reader drops new slots while STREAM_BACKLOG_SLOTS (4) are unfinished, so a judged slot's
