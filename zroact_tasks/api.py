@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import secrets
-import time
 import uuid
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -467,24 +466,13 @@ SSE_KEEPALIVE_S = 15.0
 def _sse(api: _Api, job_id: str, since: str):
     """The SSE body: each event as it is recorded, a keep-alive comment when idle, then end."""
     r, job = api.client.jobs.r, Job(api.client, job_id)
-    last_seq, idle_since = events.seq_of(r, job_id, since), time.monotonic()
-    while True:
-        batch = events.read(r, job_id, since, block_ms=1000)
-        if not batch:
-            if job.report() is not None and not events.read(r, job_id, since):
-                return  # ended, and its end event is gone (expired or trimmed)
-            if time.monotonic() - idle_since >= SSE_KEEPALIVE_S:
-                idle_since = time.monotonic()
-                yield ": keep-alive\n\n"
-            continue
-        idle_since = time.monotonic()
-        for event in batch:
-            if last_seq is not None and event.seq > last_seq + 1:
-                event.missed = event.seq - last_seq - 1
-            last_seq, since = event.seq, event.id
+    for event in events.follow(r, job_id, since, last_seq=events.seq_of(r, job_id, since),
+                               ended=lambda: job.report() is not None,
+                               keepalive_s=SSE_KEEPALIVE_S):
+        if event is None:
+            yield ": keep-alive\n\n"
+        else:
             yield f"id: {event.id}\nevent: {event.kind}\ndata: {event.model_dump_json()}\n\n"
-            if event.kind == "end":
-                return
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -94,17 +95,24 @@ def seq_of(r: redis.Redis, job_id: str, entry_id: str) -> int | None:
 
 
 def follow(r: redis.Redis, job_id: str, since: str | None = None, *, last_seq: int | None = None,
-           ended: Callable[[], bool] = lambda: False, poll_ms: int = 1000) -> Iterator[JobEvent]:
+           ended: Callable[[], bool] = lambda: False, poll_ms: int = 1000,
+           keepalive_s: float | None = None) -> Iterator[JobEvent | None]:
     """Every event after ``since`` as it is recorded, until the job's ``end`` event (or, for a
-    stream that expired or was trimmed past its end, until ``ended()`` says the job is over)."""
+    stream that expired or was trimmed past its end, until ``ended()`` says the job is over).
+    With ``keepalive_s``, None after each such quiet spell (an SSE keep-alive comment)."""
     since = since or START
     fps: float | None = None
+    quiet_since = time.monotonic()
     while True:
         batch = read(r, job_id, since, block_ms=poll_ms, fps=fps)
         if not batch:
             if ended() and not read(r, job_id, since):
                 return
+            if keepalive_s is not None and time.monotonic() - quiet_since >= keepalive_s:
+                quiet_since = time.monotonic()
+                yield None
             continue
+        quiet_since = time.monotonic()
         fps = fps or job_fps(r.hgetall(f"zroact:job:{job_id}"))
         for event in batch:
             if last_seq is not None and event.seq > last_seq + 1:
