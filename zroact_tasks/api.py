@@ -100,6 +100,13 @@ class JobRequest(BaseModel):
     def _encodable(cls, value: str | None) -> str | None:
         return _utf8(value)
 
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic would take true as 1; the schema says integer
+            raise ValueError("must be an integer 0-9, not a boolean")
+        return value
+
 
 class JobAccepted(BaseModel):
     job_id: str
