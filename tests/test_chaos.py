@@ -31,6 +31,8 @@ from .conftest import start_cluster
 from .helpers import validate_report
 from .test_kills import pool_children
 
+pytestmark = pytest.mark.chaos  # minutes of faults: run after the main suite (.ci/run)
+
 # Errors a slot or keyframe may end with: causes that no retry can cure.
 PERMANENT = ("VLM HTTP 503", "deliveries; not run again")
 NOT_ALLOWED = ("ConnectionError", "TimeoutError", "Connection refused", "redis", "Redis",
