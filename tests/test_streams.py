@@ -23,6 +23,7 @@ from zroact_tasks.testing.vllm_standin import VLLMStandIn
 from .conftest import start_cluster
 
 LATENCY_BOUND_S = 5.0
+SOURCES = ["http://127.0.0.1:", "rtsp://127.0.0.1:"]
 BACKLOG = 4
 """STREAM_BACKLOG_SLOTS of the live cluster: a VLM answering in 0.5 s never lets 4 slots pile up."""
 KEEP = 20
@@ -93,12 +94,12 @@ def live(redis_server, assets, tmp_path_factory):
     redis.Redis.from_url(url).flushdb()
     with VLLMStandIn(model="Qwen/Qwen2.5-VL-3B-Instruct", latency_s=0.5) as vlm:
         env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": vlm.url,
-               "ZROACT_STREAM_SOURCES": "http://127.0.0.1:", "ZROACT_STREAM_RECONNECT_S": "3",
+               "ZROACT_STREAM_SOURCES": ",".join(SOURCES), "ZROACT_STREAM_RECONNECT_S": "3",
                "ZROACT_STREAM_BACKLOG_SLOTS": str(BACKLOG), "ZROACT_STREAM_KEEP_SLOTS": str(KEEP)}
         cluster, _ = start_cluster(url, env, tmp_path_factory.mktemp("live-logs"))
         from zroact_tasks.client import Client
 
-        client = Client(settings=Settings(redis_url=url, stream_sources=["http://127.0.0.1:"]))
+        client = Client(settings=Settings(redis_url=url, stream_sources=SOURCES))
         try:
             yield client, vlm
         finally:
@@ -186,3 +187,50 @@ def test_a_stage2_slower_than_real_time_drops_slots_and_stays_near_the_live_edge
     bound = BACKLOG / 0.25 + 12.0 + 3.0  # the backlog at Stage 2's rate, one answer, margin
     assert late and max(late) <= bound, (max(late), bound)
     print(f"slow VLM: {len(late)} judged, {len(dropped)} dropped, lag max {max(late):.1f} s")
+
+
+@pytest.mark.live
+def test_an_rtsp_camera_is_read_live_and_stopped_on_cancel(live, tmp_path):
+    """GStreamer's RTSP server (Debian) serving a live 30 fps picture: verdicts come about once a
+    second of stream, and a cancel ends the job ``stopped`` within 2 s."""
+    import shutil
+
+    from zroact_tasks.local import free_port
+    from zroact_tasks.testing import rtsp_server
+
+    from .helpers import skip_unless_ci
+
+    system = shutil.which("python3", path="/usr/bin")
+    probe = subprocess.run([system or "python3", "-c", "import gi; gi.require_version("
+                            "'GstRtspServer', '1.0'); from gi.repository import GstRtspServer"],
+                           capture_output=True)
+    if system is None or probe.returncode != 0:
+        skip_unless_ci("no GStreamer RTSP server (apt install gir1.2-gst-rtsp-server-1.0 "
+                       "python3-gi gstreamer1.0-plugins-good)")
+    client, _ = live
+    port = free_port()
+    server = subprocess.Popen([system, rtsp_server.__file__, str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        job = client.submit(f"rtsp://127.0.0.1:{port}/cam")
+        started, verdicts = time.time(), []
+        for event in job.events():
+            if event.kind == "slot" and event.slot.verdict is not None:
+                verdicts.append(time.time())
+            if len(verdicts) == 1:
+                first = verdicts[0]
+            if verdicts and time.time() - first >= 15 and not job.status().state == "stopped":
+                assert job.cancel()
+                cancelled_at = time.time()
+                break
+        ended = [e for e in job.events(since=event.id)]
+        assert ended[-1].kind == "end" and ended[-1].status == "stopped"
+        assert time.time() - cancelled_at <= 2.0
+        report = job.wait(timeout=30)
+    finally:
+        server.kill()
+        server.wait()
+    assert report.status == "stopped" and report.stream.ended == "stopped"
+    assert verdicts[0] - started <= 10, verdicts[0] - started  # open, a slot, Stage 1 and 2
+    assert len(verdicts) >= 12, len(verdicts)  # ~1 a second over 15 s
