@@ -309,6 +309,22 @@ def test_the_slot_error_path_records_only_a_real_failure(store_db, monkeypatch):
     # The slot's verdict, arriving after the error, wins.
     jobs.record_group("j1", 1, {"stage2": True, "verdict": {"action": "none"}})
     assert "verdict" in jobs.group_record("j1", 1)
+
+    # Slot 2: the header succeeded but the join failed on Redis (seen with Redis SIGKILLed on a
+    # loaded machine): not the slot's failure, nothing recorded (the reconciler sends it again).
+    from celery.exceptions import ChordError
+
+    third = [69, 79, 89]
+    for kf in third:
+        app.backend.store_result(pipeline.detect_id("j1", kf), [{"keyframe": kf}], "SUCCESS")
+    body = pipeline.slot_ready_id("j1", 2)
+    app.backend.mark_as_failure(body, ChordError("Join error: network:ConnectionError"))
+    control_tasks.slot_failed.run(body, "j1", 2, third)
+    assert jobs.group_record("j1", 2) is None
+    # ...while a body that itself raised is the slot's failure.
+    app.backend.mark_as_failure(body, RuntimeError("body broke"))
+    control_tasks.slot_failed.run(body, "j1", 2, third)
+    assert jobs.group_record("j1", 2) == {"error": "slot failed: RuntimeError: body broke"}
     app.close()
 
 

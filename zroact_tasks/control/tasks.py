@@ -7,6 +7,8 @@ import logging
 import time
 from dataclasses import asdict
 
+from celery.exceptions import ChordError
+
 from .. import pipeline, resources
 from ..app import app
 from ..config import get_settings
@@ -231,15 +233,23 @@ def failure_of(task_id: str) -> BaseException | None:
 def slot_failed(failed_task_id: str, job_id: str, slot: int, keyframes: list[int]) -> None:
     """Error callback of a slot's chord: record why, so the job still reaches its report.
 
-    Only a real failure is recorded: the failed task's, else a header task's. An error path that
+    Only a real failure is recorded: a header task's, else the failed task's. An error path that
     runs for a slot whose tasks all succeeded (seen once a Redis restart replayed a chord's join)
-    records nothing: the slot's body goes on, or the reconciler sends it again."""
+    records nothing, nor does a join that failed on Redis (``ChordError: Join error:
+    network:ConnectionError``, seen with Redis killed on a loaded machine): the slot's body goes
+    on, or the reconciler sends it again."""
     jobs = resources.jobs()
     if jobs.group_done(job_id, slot):
         return
     header = [pipeline.detect_id(job_id, b[0])
               for b in pipeline.batches(keyframes, get_settings().stage1_batch)]
-    exc = next((e for e in map(failure_of, [failed_task_id, *header]) if e is not None), None)
+    exc = next((e for e in map(failure_of, header) if e is not None), None)
+    if exc is None:
+        exc = failure_of(failed_task_id)
+        if isinstance(exc, ChordError):  # the join, not a task, failed: nothing to record
+            log.warning("job %s slot %d: chord join failed (%s); left to the reconciler",
+                        job_id, slot, one_line(exc))
+            return
     if exc is None:
         log.warning("job %s slot %d: error callback, but no task of the slot failed", job_id, slot)
         return
