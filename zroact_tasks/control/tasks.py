@@ -343,7 +343,8 @@ def ingest_stream(self, spec_data: dict) -> dict:
             return {"job_id": job_id, "error": one_line(exc)}
     finally:
         lease.release()
-    jobs.update(job_id, stream_ended=run.ended)
+    if run.ended != "lost":  # a lost lease: another reader goes on (the reconciler sends it)
+        jobs.update(job_id, stream_ended=run.ended)
     if run.ended in ("ended", "limit"):
         finish_stream(spec, run)
     return {"job_id": job_id, "ended": run.ended, "frames": run.frames, "sent": len(run.sent),
