@@ -101,7 +101,7 @@ def live(redis_server, assets, tmp_path_factory):
 
         client = Client(settings=Settings(redis_url=url, stream_sources=SOURCES))
         try:
-            yield client, vlm
+            yield client, vlm, cluster
         finally:
             cluster.stop()
             client.close()
@@ -112,7 +112,7 @@ def test_a_live_camera_gives_verdicts_as_it_plays_reconnects_and_stops_on_cancel
     """60 s of a real-time MJPEG camera that drops the connection once at 25 s: each slot's
     verdict event comes within 5 s of the camera sending the slot's last frame, the reader
     reconnects, frame memory stays flat, and a cancel stops the job (status ``stopped``) in 2 s."""
-    client, vlm = live
+    client, vlm, _ = live
     r = redis.Redis.from_url(client.settings.redis_url)
     with MjpegCamera(fps=30, duration_s=70, drop_at_s=25) as camera:
         job = client.submit(camera.url, prompt="Is the square moving?")
@@ -169,7 +169,7 @@ def test_a_stage2_slower_than_real_time_drops_slots_and_stays_near_the_live_edge
     """The VLM answers in 12 s (3 in flight: 0.25 slots/s against the camera's 1 slot/s): the
     reader drops new slots while STREAM_BACKLOG_SLOTS (4) are unfinished, so a judged slot's
     verdict is at most ~4 slots of Stage 2 behind the live edge; the stream's end ends the job."""
-    client, vlm = live
+    client, vlm, _ = live
     vlm.latency_s = 12.0
     try:
         with MjpegCamera(fps=30, duration_s=30) as camera:
@@ -207,7 +207,7 @@ def test_an_rtsp_camera_is_read_live_and_stopped_on_cancel(live, tmp_path):
     if system is None or probe.returncode != 0:
         skip_unless_ci("no GStreamer RTSP server (apt install gir1.2-gst-rtsp-server-1.0 "
                        "python3-gi gstreamer1.0-plugins-good)")
-    client, _ = live
+    client, _, _ = live
     port = free_port()
     server = subprocess.Popen([system, rtsp_server.__file__, str(port)], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
@@ -234,3 +234,40 @@ def test_an_rtsp_camera_is_read_live_and_stopped_on_cancel(live, tmp_path):
     assert report.status == "stopped" and report.stream.ended == "stopped"
     assert verdicts[0] - started <= 10, verdicts[0] - started  # open, a slot, Stage 1 and 2
     assert len(verdicts) >= 12, len(verdicts)  # ~1 a second over 15 s
+
+
+@pytest.mark.live
+def test_a_killed_reader_is_replaced_and_the_stream_goes_on(live):
+    """SIGKILL of the control worker's pool processes (the stream's reader among them): the
+    lease lapses, the job is repaired (a new reader, or the message given back) and verdicts
+    resume at the live edge; the stream still ends ``stopped`` on cancel."""
+    import signal
+
+    from .test_kills import pool_children
+
+    client, _, cluster = live
+    control = next(w for w in cluster.workers if w.role == "control")
+    with MjpegCamera(fps=30, duration_s=120) as camera:
+        job = client.submit(camera.url)
+        killed_at = cancelled = None
+        after = []
+        for event in job.events():
+            now = time.time()
+            if killed_at is None and event.kind == "slot" and now - camera.start >= 10:
+                for pid in pool_children(control.proc.pid):
+                    os.kill(pid, signal.SIGKILL)
+                killed_at = now
+            elif killed_at is not None and event.kind == "slot" and event.slot.verdict is not None \
+                    and event.keyframes[0] > (killed_at - camera.start + 2) * 30:
+                after.append(now - killed_at)
+                if len(after) >= 5 and cancelled is None:
+                    assert job.cancel()
+                    cancelled = now
+            if event.kind == "end":
+                break
+            assert now - camera.start < 110, "the stream did not resume after the kill"
+        report = job.wait(timeout=30)
+    assert report.status == "stopped" and len(after) >= 5
+    resends = redis.Redis.from_url(client.settings.redis_url).hgetall("zroact:metrics:resends")
+    print(f"reader killed: verdicts resumed {after[0]:.1f} s later; resends {resends}")
+    assert after[0] <= 60, after[0]  # lease 15 s + the reconciler's quiet 20 s, or WORKER_LOST_S
