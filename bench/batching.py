@@ -35,7 +35,7 @@ from zroact_tasks.testing.taskevents import EventRecorder
 
 
 def run(mode: str, *, video: Path, model: Path, jobs: int, fixed_s: float, per_clip_s: float,
-        max_batch: int, timeout_ms: float, tmp: Path) -> dict:
+        max_batch: int, timeout_ms: float, tmp: Path, stage1_workers: int = 1) -> dict:
     calls = tmp / f"{mode}-calls.jsonl"
     options = {"gpu_lock": str(tmp / f"{mode}.lock"), "per_clip_s": per_clip_s,
                "fixed_s": fixed_s, "log_file": str(calls)}
@@ -49,7 +49,8 @@ def run(mode: str, *, video: Path, model: Path, jobs: int, fixed_s: float, per_c
     with EmbeddedRedis() as server:
         cluster = LocalCluster(server.url, env=env, log_dir=tmp / f"{mode}-logs", supervise=False)
         cluster.add_worker("control")
-        cluster.add_worker("stage1", concurrency=2 if mode == "prefork" else None)
+        for _ in range(1 if mode == "prefork" else stage1_workers):  # all on the one GPU
+            cluster.add_worker("stage1", concurrency=2 if mode == "prefork" else None)
         client = Client(settings=Settings(redis_url=server.url))
         try:
             cluster.wait_ready(client.app)
@@ -72,7 +73,8 @@ def run(mode: str, *, video: Path, model: Path, jobs: int, fixed_s: float, per_c
     sizes = [e["n"] for e in entries]
     busy = sum(e["t_end"] - e["t_lock_acquired"] for e in entries)
     return {
-        "mode": mode, "jobs": jobs, "clips": len(clips), "makespan_s": end - start,
+        "mode": mode if mode == "prefork" or stage1_workers == 1 else f"{mode} x{stage1_workers}",
+        "jobs": jobs, "clips": len(clips), "makespan_s": end - start,
         "clips_per_s": len(clips) / (end - start),
         "latency_p50_s": float(np.percentile(latency, 50)),
         "latency_p95_s": float(np.percentile(latency, 95)),
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["prefork", "off", "on"],
                         choices=["prefork", "off", "on"])
     parser.add_argument("--timeout-ms", type=float, default=10.0)
+    parser.add_argument("--stage1-workers", type=int, default=1,
+                        help="pipelined Stage 1 workers sharing the GPU (off/on modes)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="zroact-batching-") as tmp:
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         model = make_yowo_model(d / "model.onnx")
         rows = [run(mode, video=video, model=model, jobs=args.jobs, fixed_s=args.fixed_s,
                     per_clip_s=args.per_clip_s, max_batch=args.max_batch,
-                    timeout_ms=args.timeout_ms, tmp=d) for mode in args.modes]
+                    timeout_ms=args.timeout_ms, tmp=d, stage1_workers=args.stage1_workers)
+                for mode in args.modes]
     print(f"{args.jobs} jobs x {args.frames // 10} clips; simulated call = {args.fixed_s:.3f} s + "
           f"{args.per_clip_s:.3f} s x clips; batching: max {args.max_batch}, timeout {args.timeout_ms:g} ms")
     print(f"load average {os.getloadavg()[0]:.2f}")
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['mode']:9} {r['clips_per_s']:8.2f} {r['makespan_s']:10.2f} {r['latency_p50_s']:10.3f} "
               f"{r['latency_p95_s']:10.3f} {r['calls']:6d} {r['mean_batch']:10.2f} "
               f"{r['gpu_busy_share']:8.0%}")
-    by = {r["mode"]: r for r in rows}
+    by = {r["mode"].split(" ")[0]: r for r in rows}
     if "off" in by and "on" in by:
         off, on = by["off"], by["on"]
         print(f"throughput x{on['clips_per_s'] / off['clips_per_s']:.2f}, "

@@ -14,7 +14,8 @@ Rows:
 * ``end to end``: one job, ingest and Stage 1 running together: clips/s of Stage 1 from its first
   task's start to its last task's end.
 * ``stage 1 alone``: the same job ingested first with no Stage 1 worker up
-  (``JOB_WINDOW_SLOTS=0``: every clip queued), then one Stage 1 worker drains the queue: what a
+  (``JOB_WINDOW_SLOTS=0``, ``INGEST_LEAD_CHUNKS=1000``: every clip queued), then one Stage 1
+  worker drains the queue: what a
   Stage 1 process can prepare and record per second when it never waits for ingest.
 
 each for the pipelined Stage 1 worker (the default) and the prefork one of
@@ -63,8 +64,8 @@ def run(video: Path, model: Path, tmp: Path, *, mode: str, depth: int, n_clips: 
     env = {"ZROACT_MODEL": str(model), "ZROACT_DETECTOR": INSTANT,
            "ZROACT_DETECTOR_OPTIONS": json.dumps({"size": 224}),
            "ZROACT_STAGE1_PIPELINE_DEPTH": str(depth)}
-    if mode == "alone":
-        env["ZROACT_JOB_WINDOW_SLOTS"] = "0"
+    if mode == "alone":  # every clip queued, decoding not paced by Stage 1
+        env |= {"ZROACT_JOB_WINDOW_SLOTS": "0", "ZROACT_INGEST_LEAD_CHUNKS": "1000"}
     with EmbeddedRedis() as server:
         cluster = LocalCluster(server.url, env=env,
                                log_dir=tmp / f"logs-{mode}-{depth}", supervise=False)
@@ -80,12 +81,14 @@ def run(video: Path, model: Path, tmp: Path, *, mode: str, depth: int, n_clips: 
                 time.sleep(0.2)
                 job = client.submit(video)
                 if mode == "alone":
-                    deadline = time.monotonic() + 600
+                    deadline = time.monotonic() + 300
                     while time.monotonic() < deadline and sum(
                             1 for t in list(recorder.log.tasks.values())
                             if t.id.startswith(job.id) and t.name == "zroact.stage1.detect_clips"
                             and t.sent) < n_clips:
                         time.sleep(0.05)
+                    if time.monotonic() >= deadline:
+                        raise RuntimeError("the job was not fully queued for Stage 1")
                     stage1 = cluster.add_worker("stage1")
                     cluster.wait_ready(client.app, workers=[stage1])
                 groups = [w.proc.pid for w in cluster.workers] + [server.proc.pid]
