@@ -98,6 +98,36 @@ def test_the_inference_thread_takes_the_most_urgent_clips_first():
     assert batcher.calls == [1] * 6
 
 
+def test_the_inference_thread_keeps_delivery_order_among_prepared_clips():
+    from zroact_tasks.stage1.batcher import arrival
+
+    gate, started, order = threading.Event(), threading.Event(), []
+
+    def infer(x):
+        order.append(float(x[0, 0]))
+        if len(order) == 1:
+            started.set()
+            gate.wait(10)
+        return x
+
+    batcher = DynamicBatcher(infer, max_batch=1, timeout_s=0.0)
+    first = threading.Thread(target=batcher.infer, args=(np.full((1, 1), -1.0, np.float32),))
+    first.start()
+    assert started.wait(10)
+    places = [arrival() for _ in range(3)]  # delivered 0, 1, 2 ...
+    threads = []
+    for value in (2.0, 0.0, 1.0):  # ... prepared 2, 0, 1
+        t = threading.Thread(target=batcher.infer, args=(np.full((1, 1), value, np.float32),),
+                             kwargs={"order": places[int(value)]})
+        t.start()
+        threads.append(t)
+        time.sleep(0.02)
+    gate.set()
+    for t in [first, *threads]:
+        t.join(10)
+    assert order == [-1.0, 0.0, 1.0, 2.0]
+
+
 def test_frame_cache_fetches_and_decodes_each_frame_once():
     import cv2
 

@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 _order = itertools.count()
 
 
+def arrival() -> int:
+    """A place in the inference thread's order, taken when a task starts (before preparing)."""
+    return next(_order)
+
+
 @dataclass(order=True)
 class _Pending:
     priority: int
@@ -53,10 +58,12 @@ class DynamicBatcher:
         self._thread = threading.Thread(target=self._run, name="stage1-batcher", daemon=True)
         self._thread.start()
 
-    def infer(self, clips: np.ndarray, priority: int = 0) -> np.ndarray:
+    def infer(self, clips: np.ndarray, priority: int = 0, order: int | None = None) -> np.ndarray:
         """Inference on ``clips`` ([n, 3, T, H, W]); blocks until its batch has run. Waiting
-        clips go by ``priority`` (0 = most urgent), then in arrival order."""
-        pending = _Pending(int(priority), next(_order), clips)
+        clips go by ``priority`` (0 = most urgent), then by ``order`` (a task passes
+        :func:`arrival`, taken when its message started, so clips prepared out of order still
+        run in the order they were delivered: a slot's clips finish together), else arrival."""
+        pending = _Pending(int(priority), next(_order) if order is None else order, clips)
         self._queue.put(pending)
         return pending.result.result()
 

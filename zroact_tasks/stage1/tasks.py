@@ -24,7 +24,7 @@ from .. import pipeline, resources
 from ..app import app
 from ..config import get_settings
 from ..errors import ZroactError
-from .batcher import DynamicBatcher
+from .batcher import DynamicBatcher, arrival
 from .detect import FrameCache, detect_keyframes
 from .detector import Detector, load_detector
 
@@ -122,10 +122,10 @@ def detect_clips(self, job_id: str, keyframes: list[int], params: dict) -> list[
         infer = infer_function()
         if _pipelined or get_settings().stage1_max_batch > 1:
             priority = (self.request.delivery_info or {}).get("priority") or 0
-            batched = infer
+            batched, order = infer, arrival()
 
-            def infer(clips, _p=priority):  # the most urgent prepared clips go first
-                return batched(clips, priority=_p)
+            def infer(clips, _p=priority, _o=order):  # the most urgent, then the first delivered
+                return batched(clips, priority=_p, order=_o)
         results = detect_keyframes(detector(), resources.frames(), job_id, keyframes, params,
                                    infer, cache=_cache if _pipelined else None)
     except ZroactError as exc:
