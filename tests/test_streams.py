@@ -183,7 +183,8 @@ def test_a_stage2_slower_than_real_time_drops_slots_and_stays_near_the_live_edge
         vlm.latency_s = 0.5
     assert report.stream.ended == "ended" and report.status == "completed_with_errors"
     dropped = [s for s in report.slots if s.error and s.error.startswith("dropped:")]
-    assert report.stream.dropped == len(dropped) >= 3, report.stream
+    # (the report keeps the last KEEP slots; the summary counts every dropped one)
+    assert report.stream.dropped >= len(dropped) >= 3, report.stream
     bound = BACKLOG / 0.25 + 12.0 + 3.0  # the backlog at Stage 2's rate, one answer, margin
     assert late and max(late) <= bound, (max(late), bound)
     print(f"slow VLM: {len(late)} judged, {len(dropped)} dropped, lag max {max(late):.1f} s")
