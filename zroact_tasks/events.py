@@ -20,6 +20,7 @@ from typing import Literal
 import redis
 from pydantic import BaseModel
 
+from .control.report import job_fps, keyframe_result, slot_result
 from .jobstate import events_key
 from .models import Keyframe, SlotResult
 
@@ -48,26 +49,14 @@ class JobEvent(BaseModel):
     """Events trimmed from the capped stream before this reader saw them."""
 
 
-def job_fps(meta: dict[str, str]) -> float:
-    """Frames a second, for keyframe times: from the plan (known once ingest has begun)."""
-    for field in ("plan", "video"):
-        if field in meta:
-            return float(json.loads(meta[field]).get("fps") or 30.0)
-    return 30.0
-
-
 def to_event(job_id: str, entry_id: str, fields: dict[str, str], fps: float) -> JobEvent:
     data, kind, seq = json.loads(fields["data"]), fields["kind"], int(fields["seq"])
     if kind == "keyframe":
         index = int(data["keyframe"])
-        keyframe = Keyframe(index=index, time_s=round(index / fps, 4),
-                            detections=data.get("detections", []), error=data.get("error"))
         return JobEvent(id=entry_id, job_id=job_id, seq=seq, kind=kind, keyframes=[index],
-                        keyframe=keyframe)
+                        keyframe=keyframe_result(index, data, fps))
     if kind == "slot":
-        slot = SlotResult(slot=data["slot"], keyframes=data["keyframes"],
-                          verdict=data.get("verdict"), error=data.get("error"),
-                          image_size=data.get("image_size"))
+        slot = slot_result(data["slot"], data["keyframes"], data)
         return JobEvent(id=entry_id, job_id=job_id, seq=seq, kind=kind,
                         keyframes=slot.keyframes, slot=slot)
     return JobEvent(id=entry_id, job_id=job_id, seq=seq, kind="end", keyframes=[],
@@ -77,12 +66,21 @@ def to_event(job_id: str, entry_id: str, fields: dict[str, str], fps: float) -> 
 def read(r: redis.Redis, job_id: str, since: str = START, *, block_ms: int | None = None,
          count: int = 500, fps: float | None = None) -> list[JobEvent]:
     """Events after ``since`` (at most ``count``), waiting up to ``block_ms`` for one if none."""
+    entries = _entries(r, job_id, since, block_ms, count)
+    fps = (fps or fps_of(r, job_id)) if entries else 30.0
+    return [to_event(job_id, entry_id, fields, fps) for entry_id, fields in entries]
+
+
+def _entries(r: redis.Redis, job_id: str, since: str, block_ms: int | None,
+             count: int) -> list[tuple[str, dict[str, str]]]:
     found = r.xread({events_key(job_id): since}, count=count, block=block_ms)
-    if not found:
-        return []
-    if fps is None:
-        fps = job_fps(r.hgetall(f"zroact:job:{job_id}"))
-    return [to_event(job_id, entry_id, fields, fps) for entry_id, fields in found[0][1]]
+    return found[0][1] if found else []
+
+
+def fps_of(r: redis.Redis, job_id: str) -> float:
+    """The job's frame rate, for keyframe times (its plan's: set before its first event)."""
+    plan, video = r.hmget(f"zroact:job:{job_id}", ["plan", "video"])
+    return job_fps({k: v for k, v in (("plan", plan), ("video", video)) if v is not None})
 
 
 def seq_of(r: redis.Redis, job_id: str, entry_id: str) -> int | None:
@@ -104,16 +102,18 @@ def follow(r: redis.Redis, job_id: str, since: str | None = None, *, last_seq: i
     fps: float | None = None
     quiet_since = time.monotonic()
     while True:
-        batch = read(r, job_id, since, block_ms=poll_ms, fps=fps)
+        entries = _entries(r, job_id, since, poll_ms, 500)
+        if entries and fps is None:  # read once, with the first events (the plan exists then)
+            fps = fps_of(r, job_id)
+        batch = [to_event(job_id, entry_id, fields, fps) for entry_id, fields in entries]
         if not batch:
-            if ended() and not read(r, job_id, since):
+            if ended() and not _entries(r, job_id, since, None, 1):
                 return
             if keepalive_s is not None and time.monotonic() - quiet_since >= keepalive_s:
                 quiet_since = time.monotonic()
                 yield None
             continue
         quiet_since = time.monotonic()
-        fps = fps or job_fps(r.hgetall(f"zroact:job:{job_id}"))
         for event in batch:
             if last_seq is not None and event.seq > last_seq + 1:
                 event.missed = event.seq - last_seq - 1

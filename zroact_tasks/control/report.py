@@ -64,20 +64,41 @@ def _stage2_status(job_status: str, switch: str | None, records: list[dict],
     return "stopped" if job_status == "failed" else "done"
 
 
+def job_fps(meta: dict[str, str]) -> float:
+    """Frames a second, for keyframe times: from the plan (known once ingest has begun)."""
+    for name in ("plan", "video"):
+        if name in meta:
+            return float(json.loads(meta[name]).get("fps") or 30.0)
+    return 30.0
+
+
+def keyframe_result(index: int, rec: dict | None, fps: float, missing: str | None = None) -> Keyframe:
+    """A keyframe as the report (and its event) holds it; ``missing`` without a record."""
+    return Keyframe(index=index, time_s=round(index / fps, 4),
+                    detections=rec.get("detections", []) if rec else [],
+                    error=rec.get("error") if rec else missing)
+
+
+def slot_result(slot: int, keyframes: list[int], rec: dict | None,
+                missing: str | None = None) -> SlotResult:
+    """A slot as the report (and its event) holds it; ``missing`` without a record."""
+    rec = rec or {}
+    return SlotResult(slot=slot, keyframes=keyframes, verdict=rec.get("verdict"),
+                      error=rec.get("error") if rec else missing, image_size=rec.get("image_size"))
+
+
 def _recorded(spec: dict, meta: dict[str, str], kf_records: dict[int, dict],
               groups: dict[int, dict]) -> tuple[list[Keyframe], list[SlotResult]]:
     """The keyframes and whole slots that have records, in order (a running job's, or a
     stream's rolling window)."""
-    fps = json.loads(meta.get("plan") or meta.get("video") or "{}").get("fps") or 30.0
-    keyframes = [Keyframe(index=k, time_s=round(k / fps, 4), detections=r.get("detections", []),
-                          error=r.get("error")) for k, r in sorted(kf_records.items())]
+    fps = job_fps(meta)
+    keyframes = [keyframe_result(k, r, fps) for k, r in sorted(kf_records.items())]
     size, total = spec["slot_size"], meta.get("keyframes_total")
     slots = []
     for j, g in sorted(groups.items()):
         kfs = clips.slot_keyframes(j, size, spec["keyframe_stride"], int(total) if total else None)
         if len(kfs) == size:  # as the final report: a trailing partial slot is Stage 1 only
-            slots.append(SlotResult(slot=j, keyframes=kfs, verdict=g.get("verdict"),
-                                    error=g.get("error"), image_size=g.get("image_size")))
+            slots.append(slot_result(j, kfs, g))
     return keyframes, slots
 
 
@@ -116,30 +137,17 @@ def build_report(job_id: str, meta: dict[str, str], kf_records: dict[int, dict],
     error = JobError.model_validate_json(meta["error"]) if "error" in meta else None
     abort = meta.get("abort")
     video = VideoInfo.model_validate_json(meta["video"]) if "video" in meta else None
-    fps = video.fps if video else 30.0
-    total = int(meta.get("keyframes_total", 0))
-    stride, slot_size = spec["keyframe_stride"], spec["slot_size"]
-    keyframe_list = clips.keyframe_indices(total * stride, stride)
-    missing_reason = "cancelled" if abort == "cancelled" else "no Stage 1 result"
-
-    keyframes, slots = [], []
     if spec.get("stream"):  # a rolling window of what it recorded, and the stream's counts
         keyframes, slots = _recorded(spec, meta, kf_records, groups)
-    for index in [] if spec.get("stream") else keyframe_list:
-        rec = kf_records.get(index)
-        keyframes.append(Keyframe(
-            index=index, time_s=round(index / fps, 4),
-            detections=rec.get("detections", []) if rec else [],
-            error=(rec.get("error") if rec else missing_reason),
-        ))
-
-    for j, kfs in enumerate([] if spec.get("stream") else clips.split_slots(keyframe_list, slot_size)):
-        if len(kfs) < slot_size:
-            continue  # trailing partial slot: Stage 1 only, no Stage 2 request
-        rec = groups.get(j, {})
-        error_text = rec.get("error") if rec else missing_reason
-        slots.append(SlotResult(slot=j, keyframes=kfs, verdict=rec.get("verdict"), error=error_text,
-                                image_size=rec.get("image_size")))
+    else:
+        fps, total = job_fps(meta), int(meta.get("keyframes_total", 0))
+        stride, slot_size = spec["keyframe_stride"], spec["slot_size"]
+        keyframe_list = clips.keyframe_indices(total * stride, stride)
+        missing = "cancelled" if abort == "cancelled" else "no Stage 1 result"
+        keyframes = [keyframe_result(i, kf_records.get(i), fps, missing) for i in keyframe_list]
+        slots = [slot_result(j, kfs, groups.get(j), missing)  # a trailing partial slot is
+                 for j, kfs in enumerate(clips.split_slots(keyframe_list, slot_size))  # Stage 1
+                 if len(kfs) == slot_size]  # only: no Stage 2 request
 
     stage2_enabled = meta.get("stage2") == "true"
     stage2_records = [g for g in groups.values() if g.get("stage2")]
