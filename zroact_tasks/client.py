@@ -103,10 +103,9 @@ def _stream_task_ids(spec: JobSpec, meta: dict, s: Settings) -> list[str]:
     nxt = int(meta.get("stream_next_slot", 0))
     first = max(0, nxt - s.job_window_slots - s.stream_backlog_slots - 2)
     ids = []
-    for slot in range(first, nxt + 2):
+    for slot in range(first, nxt + 2):  # batch 1: a superset of any batch's ids, as for files
         kfs = clips_slot_keyframes(slot, spec.slot_size, spec.keyframe_stride)
-        ids += [pipeline.detect_id(spec.job_id, k) for k in kfs]
-        ids += [pipeline.slot_ready_id(spec.job_id, slot), pipeline.judge_id(spec.job_id, slot)]
+        ids += pipeline.slot_task_ids(spec.job_id, slot, kfs, batch=1)
     return ids
 
 

@@ -101,6 +101,11 @@ def job_task_ids(job_id: str, keyframes: list[int], slot_size: int, batch: int,
     """Every task id a job can have, for revoking them all."""
     ids = [ingest_id(job_id, c) for c in range(max(1, chunks))]
     for slot, kfs in enumerate(batches(keyframes, slot_size)):
-        ids += [detect_id(job_id, b[0]) for b in batches(kfs, batch)]
-        ids += [slot_ready_id(job_id, slot), judge_id(job_id, slot)]
+        ids += slot_task_ids(job_id, slot, kfs, batch)
     return ids
+
+
+def slot_task_ids(job_id: str, slot: int, keyframes: list[int], batch: int) -> list[str]:
+    """The task ids of one slot: its Stage 1 batches, its chord body, its Stage 2 request."""
+    return ([detect_id(job_id, b[0]) for b in batches(keyframes, batch)]
+            + [slot_ready_id(job_id, slot), judge_id(job_id, slot)])
