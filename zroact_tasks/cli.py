@@ -38,7 +38,7 @@ def _cluster(redis_url: str | None):
     import redis
 
     from .client import Client
-    from .redisconn import safe_url
+    from .urls import masked
 
     settings = _settings(redis_url=redis_url)
     probe = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
@@ -46,7 +46,7 @@ def _cluster(redis_url: str | None):
         probe.ping()
     except redis.RedisError as exc:
         raise ClusterUnavailableError(
-            f"the cluster's Redis at {safe_url(settings.redis_url)} does not answer "
+            f"the cluster's Redis at {masked(settings.redis_url)} does not answer "
             f"({_first_line(exc)}): is it running? (--redis-url / ZROACT_REDIS_URL)") from exc
     finally:
         probe.close()

@@ -69,16 +69,3 @@ def connect(url: str, decode_responses: bool = False,
     """One pool per process, URL and options; redis-py resets pools inherited across a fork."""
     return redis.Redis.from_url(url, decode_responses=decode_responses,
                                 **client_options(retry_s))
-
-
-def safe_url(url: str) -> str:
-    """``url`` with its password masked, for messages and logs."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = f"{parts.username}:" if parts.username else ":"
-    host = parts.hostname or ""
-    netloc = f"{user}***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))

@@ -6,6 +6,7 @@ import json
 import time
 
 from ..media import clips
+from ..urls import masked
 from ..models import (
     JobError,
     JobReport,
@@ -103,9 +104,7 @@ def _recorded(spec: dict, meta: dict[str, str], kf_records: dict[int, dict],
 
 
 def stream_info(spec: dict, meta: dict[str, str], keep: int) -> StreamInfo:
-    from ..media.streams import safe_source  # noqa: PLC0415
-
-    return StreamInfo(source=safe_source(spec["video"]),
+    return StreamInfo(source=masked(spec["video"]),
                       frames=int(meta.get("stream_frames", 0)),
                       slots=int(meta.get("groups_total") or meta.get("stream_next_slot") or 0),
                       dropped=int(meta.get("stream_dropped", 0)),

@@ -26,6 +26,7 @@ from ..media import clips, streams, video
 from ..media.store import FrameStore
 from ..models import JobSpec
 from ..stage1.yowo import model_frame
+from ..urls import masked
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ def read_stream(spec: JobSpec, settings: Settings, jobs: JobStore, store: FrameS
         down_since = time.monotonic()
         jobs.r.hincrby(f"zroact:job:{job_id}", "stream_reconnects", 1)
         log.warning("job %s: stream %s dropped at frame %d; reopening", job_id,
-                    streams.safe_source(spec.video), run.frames)
+                    masked(spec.video), run.frames)
     run.pending = sorted(last_keyframe.values())  # taken, but the stream ended before their end
     run.next_slot = slots.next_slot
     return run

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import cv2
 
 from ..errors import StreamError, StreamNotAllowedError
+from ..urls import masked
 
 SCHEMES = ("rtsp", "rtsps", "http", "https")
 
@@ -37,18 +38,8 @@ def check_allowed(url: str, prefixes: list[str]) -> str:
     if not any(url.startswith(p) for p in prefixes):
         allowed = ", ".join(prefixes) if prefixes else "none"
         raise StreamNotAllowedError(
-            safe_source(url), f"not under an allowed ZROACT_STREAM_SOURCES prefix (allowed: {allowed})")
+            masked(url), f"not under an allowed ZROACT_STREAM_SOURCES prefix (allowed: {allowed})")
     return url
-
-
-def safe_source(url: str) -> str:
-    """``url`` without credentials (cameras' URLs often carry them), for messages."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
 
 
 def open_stream(url: str) -> cv2.VideoCapture:
@@ -61,5 +52,5 @@ def open_stream(url: str) -> cv2.VideoCapture:
     cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG)
     if not cap.isOpened():
         cap.release()
-        raise StreamError(safe_source(url), "cannot be opened as a video stream")
+        raise StreamError(masked(url), "cannot be opened as a video stream")
     return cap
