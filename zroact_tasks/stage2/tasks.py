@@ -48,9 +48,9 @@ def _capped(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
     return size if scale >= 1 else (round(size[0] * scale), round(size[1] * scale))
 
 
-def _resized(jpeg: bytes, size: tuple[int, int], quality: int) -> bytes:
+def _resized(jpeg: bytes, stored: tuple[int, int], size: tuple[int, int], quality: int) -> bytes:
     """The stored JPEG as is at its own size, else decoded, shrunk (area filter) and re-encoded."""
-    if _jpeg_size(jpeg) == size:
+    if stored == size:
         return jpeg
     frame = decode_jpeg(jpeg)
     return encode_jpeg(cv2.resize(frame, size, interpolation=cv2.INTER_AREA), quality)
@@ -60,10 +60,11 @@ def slot_images(stored: list[bytes], text: str, client: VLMClient,
                 settings) -> tuple[list[bytes], list[tuple[int, int]]]:
     """The slot's frames as sent: capped by STAGE2_MAX_SIDE, then fitted into the VLM's context
     (stage2/context.py; VLMContextError when they cannot fit). Returns the JPEGs and their sizes."""
-    sizes = [_capped(_jpeg_size(jpeg), settings.stage2_max_side) for jpeg in stored]
-    sizes = fit_frames(sizes, text, client.server, client.max_tokens)
-    return ([_resized(jpeg, size, settings.frame_jpeg_quality) for jpeg, size in zip(stored, sizes)],
-            sizes)
+    own = [_jpeg_size(jpeg) for jpeg in stored]
+    sizes = fit_frames([_capped(size, settings.stage2_max_side) for size in own], text,
+                       client.server, client.max_tokens)
+    return ([_resized(jpeg, was, size, settings.frame_jpeg_quality)
+             for jpeg, was, size in zip(stored, own, sizes)], sizes)
 
 
 @app.task(name=pipeline.JUDGE, bind=True, ignore_result=True)  # the verdict is in the job's record
