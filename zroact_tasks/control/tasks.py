@@ -13,20 +13,26 @@ from .. import pipeline, resources
 from ..app import app
 from ..config import get_settings
 from ..errors import InputError, JobNotFoundError, ModelError
-from ..media import clips
+from ..media import clips, streams
 from ..models import JobError, JobSpec, VideoInfo
 from ..redisconn import TRANSIENT_ERRORS
 from ..stage1 import registry
 from . import deadlines  # noqa: F401  (connects the deadline sweeper to control workers)
-from ..media import streams
 from .ingest import Plan, ingest_chunk, keyframes_total, plan
-from .stream import Lease, StreamRun, read_stream
 from .report import build_report, stage1_slot_error
+from .stream import Lease, StreamRun, read_stream
 
 log = logging.getLogger(__name__)
 
 MODEL_WAIT_POLL_S = 2.0
 """How often a job's first ingest step looks again for the Stage 1 model (``registry``)."""
+
+
+def check_clip_length(model: registry.ModelInfo, spec: JobSpec) -> None:
+    """ModelError when the job's clips are not the length the queue's Stage 1 model takes."""
+    if model.clip_length != spec.clip_length:
+        raise ModelError(model.name, f"the job asks for {spec.clip_length}-frame clips, "
+                                     f"the Stage 1 model takes {model.clip_length}")
 
 
 def one_line(exc: BaseException | str, limit: int = 300) -> str:
@@ -142,9 +148,7 @@ def ingest_video(self, spec_data: dict, chunk: int = 0) -> dict:
         jobs.check_delivery(self.delivery_key, settings.max_task_deliveries)
         if chunk == 0:
             stage2 = settings.vlm_url is not None
-            if model.clip_length != spec.clip_length:
-                raise ModelError(model.name, f"the job asks for {spec.clip_length}-frame clips, "
-                                             f"the Stage 1 model takes {model.clip_length}")
+            check_clip_length(model, spec)
             job_plan = plan(spec, settings, model.input_size)
             jobs.update(job_id, plan=json.dumps(asdict(job_plan)), stage2=str(stage2).lower(),
                         frame_size=json.dumps([job_plan.width, job_plan.height]))
@@ -304,15 +308,12 @@ def ingest_stream(self, spec_data: dict) -> dict:
         return {"job_id": job_id, "skipped": "another reader holds the stream"}
     try:
         model = registry.current(jobs.r)
-        if model is None:
-            lease.release()
+        if model is None:  # (the lease is released on the way out, below)
             log.info("job %s waits for a Stage 1 worker to publish its model", job_id)
             raise self.retry(countdown=MODEL_WAIT_POLL_S, max_retries=None)
         try:
             streams.check_allowed(spec.video, settings.stream_sources)  # this worker's own list
-            if model.clip_length != spec.clip_length:
-                raise ModelError(model.name, f"the job asks for {spec.clip_length}-frame clips, "
-                                             f"the Stage 1 model takes {model.clip_length}")
+            check_clip_length(model, spec)
             stage2 = settings.vlm_url is not None
             meta = jobs.meta(job_id)
             jobs.r.hsetnx(f"zroact:job:{job_id}", "ingest_started", str(time.time()))
