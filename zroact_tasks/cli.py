@@ -19,7 +19,7 @@ import click
 
 from .config import (STAGE2_CONCURRENCY_RANGE, Settings, load_settings, timeout_problems,
                      use_settings)
-from .errors import ClusterUnavailableError, ConfigError, InputError, ZroactError
+from .errors import ClusterUnavailableError, ConfigError, InputError, ZroactError, first_line
 from .models import JobReport
 from .redisconn import TRANSIENT_ERRORS
 
@@ -47,14 +47,10 @@ def _cluster(redis_url: str | None):
     except redis.RedisError as exc:
         raise ClusterUnavailableError(
             f"the cluster's Redis at {masked(settings.redis_url)} does not answer "
-            f"({_first_line(exc)}): is it running? (--redis-url / ZROACT_REDIS_URL)") from exc
+            f"({first_line(exc)}): is it running? (--redis-url / ZROACT_REDIS_URL)") from exc
     finally:
         probe.close()
     return Client(settings=settings)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _fail(message: str, code: int) -> None:
@@ -78,7 +74,7 @@ def handles_errors(func):
         except TRANSIENT_ERRORS as exc:  # Redis went away mid-command, after its retries
             if debug:
                 traceback.print_exc()
-            _fail(f"lost the cluster's Redis: {_first_line(exc)}", EXIT_FAILED)
+            _fail(f"lost the cluster's Redis: {first_line(exc)}", EXIT_FAILED)
         except KeyboardInterrupt:  # Ctrl-C: a submitted job goes on (zroact cancel ends it)
             _fail("interrupted", 130)
     return wrapper

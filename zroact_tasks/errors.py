@@ -178,3 +178,10 @@ class JobTimeoutError(ZroactError):
 
     def __str__(self) -> str:
         return f"job {self.job_id} did not end within {self.timeout:g} s"
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (a library's may run to a traceback's length),
+    or its class name."""
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else type(exc).__name__

@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from ..config import Settings
-from ..errors import ConfigError, LabelsError, ModelError
+from ..errors import ConfigError, LabelsError, ModelError, first_line
 from .registry import ModelInfo, files_digest
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class OnnxDetector:
         try:
             self._session = ort.InferenceSession(str(path), providers=providers)
         except Exception as exc:  # onnxruntime raises its own unexported exception types
-            raise ModelError(str(model), f"onnxruntime cannot load it: {_first_line(exc)}") from exc
+            raise ModelError(str(model), f"onnxruntime cannot load it: {first_line(exc)}") from exc
         self.providers = self._session.get_providers()
         self._check_layout(str(model))
         if clip_length is not None and clip_length != self.clip_length:
@@ -137,7 +137,7 @@ class OnnxDetector:
         try:
             out = self._session.run(None, {self._input_name: probe})[0]
         except Exception as exc:
-            raise ModelError(name, f"inference on a zero clip failed: {_first_line(exc)}") from exc
+            raise ModelError(name, f"inference on a zero clip failed: {first_line(exc)}") from exc
         if out.ndim != 3 or out.shape[0] != 1 or out.shape[1] < 5:
             raise ModelError(name, f"output must be [B,4+C,A]; it is {list(out.shape)}")
         self.num_classes = int(out.shape[1]) - 4
@@ -146,11 +146,6 @@ class OnnxDetector:
         if self.max_batch == 1 and clips.shape[0] > 1:
             return np.concatenate([self.infer(clips[i : i + 1]) for i in range(clips.shape[0])])
         return self._session.run(None, {self._input_name: clips})[0]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 def load_detector(settings: Settings) -> Detector:
