@@ -128,29 +128,33 @@ def make_frame(i: int) -> np.ndarray:
 
 
 # --- on a cluster ---------------------------------------------------------------------------
+# {bytes of every frame, full-resolution keyframes (fields without the Stage 1 prefix)}
 _HELD = """
-local total = 0
+local total, keyframes = 0, 0
 for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
   total = total + redis.call('HSTRLEN', KEYS[1], field)
+  if string.sub(field, 1, 3) ~= 's1:' then keyframes = keyframes + 1 end
 end
-return total
+return {total, keyframes}
 """
 
 
 class PeakWatcher:
     """Samples the bytes a job's frame hash really holds (summed by Redis, apart from the
-    code's own counters), every 20 ms."""
+    code's own counters) and its full-resolution keyframes, every 20 ms."""
 
     def __init__(self, r: redis.Redis) -> None:
         self.r, self.held = r, r.register_script(_HELD)
-        self.peak, self.job_id = 0, None
+        self.peak, self.peak_keyframes, self.job_id = 0, 0, None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.02):
             if self.job_id:
-                self.peak = max(self.peak, int(self.held(keys=[frames_key(self.job_id)])))
+                total, keyframes = self.held(keys=[frames_key(self.job_id)])
+                self.peak = max(self.peak, int(total))
+                self.peak_keyframes = max(self.peak_keyframes, int(keyframes))
 
     def __enter__(self) -> PeakWatcher:
         self._thread.start()
@@ -161,7 +165,8 @@ class PeakWatcher:
         self._thread.join(5)
 
 
-def run_long(url: str, env: dict, tmp_path, video_path, budget: int) -> tuple[object, int]:
+def run_long(url: str, env: dict, tmp_path, video_path, budget: int,
+             watcher_out: list | None = None) -> tuple[object, int]:
     r = redis.Redis.from_url(url)
     r.flushdb()
     cluster, client = start_cluster(url, {**env, "ZROACT_FRAME_BUDGET_BYTES": str(budget)},
@@ -172,6 +177,8 @@ def run_long(url: str, env: dict, tmp_path, video_path, budget: int) -> tuple[ob
             watcher.job_id = job.id
             report = job.wait(timeout=600)
         assert not r.exists(frames_key(job.id))  # the report deleted what was left
+        if watcher_out is not None:
+            watcher_out.append(watcher)
         return report, watcher.peak
     finally:
         cluster.stop()
@@ -221,3 +228,27 @@ def test_two_control_workers_decode_one_video_alike(cluster, client, assets, tmp
     assert len(one.keyframes) == 180 and sum(bool(k.detections) for k in one.keyframes) > 150
     assert [k.model_dump() for k in one.keyframes] == [k.model_dump() for k in two.keyframes]
     assert len(workers - {None}) == 2, workers
+
+
+def test_keyframes_waiting_for_a_slow_vlm_stay_bounded(redis_server, standin, assets, tmp_path):
+    """Stage 1 (instant) outruns a VLM answering in 0.3 s: ingest waits for verdicts, so the
+    full-resolution keyframes held stay within the lead's bound (twice INGEST_LEAD_CHUNKS chunks'
+    worth of slots), not the video's 240."""
+    video = make_video(tmp_path / "4min.mp4", frames=4 * 60 * 10, fps=10, width=96, height=72,
+                       side=16)
+    url = redis_server.url.rsplit("/", 1)[0] + "/9"
+    env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url,
+           "ZROACT_DETECTOR_OPTIONS": '{"size": [96, 72]}',
+           "ZROACT_DETECTOR": "zroact_tasks.testing.instant:InstantDetector"}
+    settings, watchers = Settings(), []
+    standin.latency_s = 0.3
+    try:
+        report, _ = run_long(url, env, tmp_path / "logs", video, 2 * 1024**3, watchers)
+    finally:
+        standin.latency_s = 0.0
+    assert report.status == "succeeded", (report.status, report.error)
+    assert len(report.slots) == 80 and all(s.verdict for s in report.slots)
+    bound = 2 * settings.ingest_lead_chunks * settings.ingest_chunk_slots * 3  # 48 keyframes
+    # More than the window's slots waited for Stage 2 (the backlog formed), and no more than
+    # the bound (without it: most of the video's 240 keyframes).
+    assert settings.job_window_slots * 3 < watchers[0].peak_keyframes <= bound, watchers[0].peak_keyframes

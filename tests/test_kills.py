@@ -71,7 +71,12 @@ def in_flight_on(recorder, hostname: str) -> list[str]:
                 and t.started and (t.ended is None or t.ended < t.started)]
 
 
-def assert_complete_once(report, recorder, n_slots: int) -> None:
+def assert_complete_once(report, recorder, n_slots: int, *,
+                         repaired: frozenset[int] = frozenset()) -> None:
+    """Every slot ended once. A slot in ``repaired`` may have no chord body: its last clip ran
+    on the killed worker, which may have died holding the chord's dispatch claim (Celery 5.7
+    extends it to the publish retry budget, ~2 min here), and then the reconciler does the
+    body's work — it sends the slot's Stage 2 request itself, once."""
     validate_report(report.model_dump(mode="json"))
     assert report.status == "succeeded", report.model_dump()
     assert len({k.index for k in report.keyframes}) == len(report.keyframes)
@@ -80,7 +85,8 @@ def assert_complete_once(report, recorder, n_slots: int) -> None:
     # Runs, not ids: a body that ran twice keeps its one id ({job}:slot:N) but starts twice.
     groups = -(-len(report.keyframes) // 3)  # SLOT_SIZE 3: full slots and a trailing partial one
     bodies = recorder.log.starts("zroact.control.slot_ready", prefix=report.job_id)
-    assert sorted(bodies) == sorted(f"{report.job_id}:slot:{g}" for g in range(groups)), bodies
+    ran = {int(b.rsplit(":", 1)[1]) for b in bodies}
+    assert ran <= set(range(groups)) and set(range(groups)) - ran <= repaired, bodies
     assert set(bodies.values()) == {1}, bodies  # each chord body ran once
 
 
@@ -183,9 +189,13 @@ def test_sigkill_of_a_pipelined_stage1_worker_holding_prefetched_clips(slow_clus
         cluster.wait_ready(client.app, workers=[replacement])
         report = job.wait(timeout=VISIBILITY_TIMEOUT_S + 90)
         time.sleep(0.3)
-    assert_complete_once(report, recorder, 13)
     # The killed worker held more than the clip on the GPU: prefetched, prepared ones too.
     assert len(in_flight) >= 2, in_flight
+    order = sorted(k.index for k in report.keyframes)
+    killed_slots = frozenset(order.index(int(tid.rsplit(":", 1)[1])) // 3 for tid in in_flight)
+    assert_complete_once(report, recorder, 13, repaired=killed_slots)
+    judges = recorder.log.starts("zroact.stage2.judge_slot", prefix=job.id)
+    assert judges == {f"{job.id}:s2:{s}": 1 for s in range(13)}, judges  # a body or a repair
     clips = {i: t for i, t in recorder.log.tasks.items() if t.name == "zroact.stage1.detect_clips"
              and i.startswith(job.id)}
     assert len(clips) == 41

@@ -117,7 +117,10 @@ def test_chunks_are_sent_once_each_within_the_lead(store_db):
         jobs.pump_slots("j1", 4, offer={"slot": slot, "keyframes": [slot]})
     assert jobs.next_chunks("j1", 4, 2) == []  # 1 chunk decoding + 4 slots queued
     jobs.pump_slots("j1", 4, release={"slot": 0, "keyframes": [0]})
-    assert jobs.next_chunks("j1", 4, 2) == [2]
+    assert jobs.next_chunks("j1", 4, 2) == []  # 1 decoding + 3 queued: 4 more would be 11 > 8
+    for slot in (1, 2, 3):
+        jobs.pump_slots("j1", 4, release={"slot": slot, "keyframes": [slot]})
+    assert jobs.next_chunks("j1", 4, 2) == [2]  # 1 decoding + 1 more: 8 slots, the lead
     assert jobs.chunk_done("j1", 2, 3, 245) == (2, 2, 3)  # chunk 2 found the end
     assert jobs.chunk_done("j1", 1, 12, None) == (3, 2, 3)
     assert jobs.next_chunks("j1", 4, 2) == []  # nothing past the end

@@ -100,9 +100,12 @@ for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
 return out
 """
 
-# Chunked ingest, paced: send the job's next chunks while the slots stored but not through
-# Stage 1, plus the chunks being decoded, stay under LEAD chunks' worth. Called when a chunk is
-# stored and whenever a slot leaves the window. Returns the chunk numbers to send now (each once).
+# Chunked ingest, paced: send the job's next chunk only if, with it, the slots stored but not
+# through Stage 1 plus the chunks being decoded stay within LEAD chunks' worth, and the slots
+# not yet ended (their keyframes wait for Stage 2) within twice that. Sending while under the
+# lead let a 20-minute video hold 11 slots of a lead of 8; a VLM slower than Stage 1 made the
+# keyframes waiting for it grow with the video. Called when a chunk is stored, a slot leaves the
+# window and a slot ends. Returns the chunk numbers to send now (each once).
 _NEXT_CHUNKS = """
 if redis.call('HEXISTS', KEYS[1], 'abort') == 1 or redis.call('HEXISTS', KEYS[1], 'chunks_end') == 1 then
   return {}
@@ -110,8 +113,11 @@ end
 local per, lead = tonumber(ARGV[1]), tonumber(ARGV[2])
 local nxt = tonumber(redis.call('HGET', KEYS[1], 'chunk_next') or '1')
 local queued = redis.call('LLEN', KEYS[2]) + redis.call('SCARD', KEYS[3])
+local unended = math.max(0, redis.call('SCARD', KEYS[5]) - redis.call('SCARD', KEYS[6]))
 local out = {}
-while (nxt - redis.call('SCARD', KEYS[4])) * per + queued < lead * per do
+while true do
+  local decoding = (nxt - redis.call('SCARD', KEYS[4]) + 1) * per
+  if decoding + queued > lead * per or decoding + unended > 2 * lead * per then break end
   table.insert(out, nxt)
   nxt = nxt + 1
 end
@@ -321,7 +327,7 @@ class JobStore:
     def next_chunks(self, job_id: str, per_chunk: int, lead: int) -> list[int]:
         """The job's chunks to send now (``_NEXT_CHUNKS``)."""
         keys = [_key(job_id), _key(job_id, "pending"), _key(job_id, "inflight"),
-                _key(job_id, "chunks")]
+                _key(job_id, "chunks"), _key(job_id, "offered"), _key(job_id, "groups_done")]
         return [int(c) for c in self._next_chunks(keys=keys, args=[per_chunk, lead])]
 
     def chunk_done(self, job_id: str, chunk: int, keyframes: int,

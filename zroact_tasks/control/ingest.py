@@ -53,12 +53,16 @@ class Plan:
 
     def footprint(self, spec: JobSpec, settings: Settings, stage2: bool) -> int:
         """Bytes of frames the job holds at most: the chunks decoding runs ahead by, one more
-        being decoded, and the clip history reaching back before them."""
+        being decoded, and the clip history reaching back before them; with Stage 2, the
+        keyframes of as many slots again past Stage 1 and waiting for their verdicts
+        (``JobStore.next_chunks``)."""
         per_slot_frames = len({f for k in clips.slot_keyframes(2, spec.slot_size, spec.keyframe_stride)
                                for f in clips.clip_frames(k, spec.clip_length, spec.sampling_rate)})
-        per_slot = per_slot_frames * self.stage1_bytes + stage2 * spec.slot_size * self.full_bytes
+        keyframes = stage2 * spec.slot_size * self.full_bytes
         slots = (settings.ingest_lead_chunks + 1) * self.chunk_slots + 1
-        return int(FOOTPRINT_MARGIN * slots * per_slot)
+        judged = stage2 * settings.ingest_lead_chunks * self.chunk_slots
+        return int(FOOTPRINT_MARGIN * (slots * (per_slot_frames * self.stage1_bytes + keyframes)
+                                       + judged * keyframes))
 
 
 @dataclass

@@ -43,10 +43,17 @@ def one_line(exc: BaseException | str, limit: int = 300) -> str:
 def record_group(job_id: str, slot: int, record: dict, keyframes: list[int]) -> None:
     """Record a slot's end and free its keyframes (only its Stage 2 read them); whoever records
     the last slot enqueues the report."""
-    closed = resources.jobs().record_group(job_id, slot, record, keyframes) == 2
+    jobs = resources.jobs()
+    closed = jobs.record_group(job_id, slot, record, keyframes) == 2
     resources.frames().free(job_id, full=keyframes)
     if closed:
         pipeline.send_finalize(app, job_id)
+        return
+    meta = jobs.meta(job_id)  # a slot ended: ingest held back by slots waiting for Stage 2 resumes
+    if "spec" in meta and "chunks_end" not in meta and "abort" not in meta:
+        spec = JobSpec.model_validate_json(meta["spec"])
+        if not spec.stream:  # a stream's reader paces itself
+            send_next_chunks(spec, meta)
 
 
 def fail_job(job_id: str, exc: BaseException, *, input_error: bool = False) -> None:
