@@ -8,14 +8,14 @@ The package's path (a model of input 224x224): ingest stores a 224x224 copy of e
 frame a clip uses (Stage 1 reads only these) and a full-size JPEG of every keyframe (Stage 2):
 
   a  video decode          ``media.video.decode``                               every video frame
-  b  Stage 1 copy          ``ingest.stage1_frame``: Pillow bicubic resize + PNG every stored frame
+  b  Stage 1 copy          ``ingest.stage1_frame``: Pillow bicubic resize + raw zstd (lossless) every stored frame
   b' keyframe JPEG         ``encode_jpeg`` q95 of the full frame                  every keyframe
   c  store writes          ``FrameStore.put_many`` as ``ingest`` itself issues them (both kinds)
   i  ingest end to end     ``control.ingest.ingest_whole`` (a + b + b' + c, and the bookkeeping),
                            b and b' on ``INGEST_ENCODE_THREADS`` (2) threads beside the decoder
   i1 ingest, 1 thread      the same with ``INGEST_ENCODE_THREADS=1`` (b, b' on the decoding thread)
   d  store read            ``FrameStore.get_many`` of one clip's 16 Stage 1 frames (one HMGET)
-  e  frame decode          ``decode_image`` of a stored Stage 1 frame (PNG)
+  e  frame decode          ``decode_image`` of a stored Stage 1 frame (raw zstd)
   f  clip tensor           ``preprocess_clip`` (frames/s = 16 x clips/s)
   g  Stage 2 JPEGs         ``stage2.vlm.image_part`` (base64) of a slot's 3 stored keyframes
 
@@ -28,7 +28,7 @@ and d-f in the Stage 1 process, so "d+e+f" is their combined rate (harmonic sum)
 "full size" rows repeat the path for a model whose input is the video's own size (Stage 1 copies
 stored lossless at the original size; Stage 1 then resizes for itself, as it would without the
 224 copies), and "reduced" an alternative needing no second copy: decoding the full-size frame at
-1/k scale (``cv2.IMREAD_REDUCED_COLOR_k``: for PNG a full decode, then a resize; k = the largest of 1, 2, 4, 8 keeping
+1/k scale (for a raw frame a full decode, then an area resize; k = the largest of 1, 2, 4, 8 keeping
 both sides >= 224) before the clip tensor.
 
 Each rate is frames/s from the median call's wall time (robust to a stall of a busy machine) and,
@@ -57,7 +57,7 @@ from zroact_tasks.control.ingest import ingest_whole as ingest, stage1_frame
 from zroact_tasks.local import EmbeddedRedis
 from zroact_tasks.media import clips as clipmath
 from zroact_tasks.media.store import FrameStore
-from zroact_tasks.media.video import decode, decode_image, encode_jpeg, encode_png
+from zroact_tasks.media.video import decode, decode_image, encode_jpeg, encode_lossless
 from zroact_tasks.stage1.yowo import model_frame, preprocess_clip
 from zroact_tasks.stage2.vlm import image_part
 from zroact_tasks.testing.sample_media import make_video
@@ -68,8 +68,7 @@ from .zroact_runs import SEED_STAGE1_S
 MODEL_SIZE = 224
 """Input side of the Stage 1 model (YOWOv3 224x224)."""
 
-REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-                 8: cv2.IMREAD_REDUCED_COLOR_8}
+REDUCTIONS = (1, 2, 4, 8)
 
 # (key, label, what "need" counts); None = not a rate
 STEPS = [
@@ -80,7 +79,7 @@ STEPS = [
     ("ingest", "i ingest end to end", "video"),
     ("ingest_1t", "i with 1 encode thread", "video"),
     ("read", "d store read (16/HMGET)", "clip"),
-    ("jpeg_decode", "e JPEG decode", "clip"),
+    ("jpeg_decode", "e frame decode (lossless)", "clip"),
     ("preprocess", "f clip tensor", "clip"),
     ("stage2_b64", "g Stage 2 base64 (3/slot)", "keyframe"),
 ]
@@ -92,10 +91,10 @@ FULL_STEPS = [
     ("full_write", "full size: store writes", "video"),
     ("full_ingest", "full size: ingest end to end", "video"),
     ("full_read", "full size: store read", "clip"),
-    ("full_jpeg_decode", "full size: JPEG decode", "clip"),
+    ("full_jpeg_decode", "full size: frame decode", "clip"),
     ("full_preprocess", "full size: clip tensor", "clip"),
     ("full_stage1_cpu", "full size: d+e+f", "clip"),
-    ("reduced_decode", "reduced: JPEG decode at 1/k", "clip"),
+    ("reduced_decode", "reduced: decode, then 1/k", "clip"),
     ("reduced_preprocess", "reduced: clip tensor from 1/k", "clip"),
     ("reduced_stage1_cpu", "reduced: d+e+f", "clip"),
 ]
@@ -115,8 +114,8 @@ def needed_rates(clips_per_s: float, stride: int, clip_length: int) -> dict[str,
 
 
 def reduction(width: int, height: int, side: int = MODEL_SIZE) -> int:
-    """The largest JPEG decode reduction k (1, 2, 4, 8) keeping both sides >= ``side``."""
-    return max(k for k in REDUCED_FLAGS if k == 1 or (width // k >= side and height // k >= side))
+    """The largest decode reduction k (1, 2, 4, 8) keeping both sides >= ``side``."""
+    return max(k for k in REDUCTIONS if k == 1 or (width // k >= side and height // k >= side))
 
 
 class Timer:
@@ -227,7 +226,7 @@ def measure_size(width: int, height: int, frames: int, tmp: Path, client: redis.
     for index, frame in decode(video, 10**9):
         if clipmath.is_needed(index, stride, length, rate_):
             s1_enc.time(lambda f=frame: stage1_frame(f, (size, size)))
-            full_enc.time(lambda f=frame: encode_png(f))
+            full_enc.time(lambda f=frame: encode_lossless(f))
         if clipmath.is_keyframe(index, stride):
             kf_enc.time(lambda f=frame: encode_jpeg(f, quality))
     put("s1_encode", s1_enc.rates())
@@ -263,11 +262,13 @@ def measure_size(width: int, height: int, frames: int, tmp: Path, client: redis.
     put("full_read", _throughput(lambda idx: store.get_many(full_job, idx, kind="stage1"), clip_idx,
                                  length))
 
-    # e: JPEG decode of stored Stage 1 frames; and the full-size ones at 1/k.
+    # e: decode of stored Stage 1 frames; and the full-size ones at 1/k.
     k = out["reduction"] = reduction(width, height)
 
-    def reduced(data: bytes, flag: int = REDUCED_FLAGS[k]) -> np.ndarray:
-        return cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    def reduced(data: bytes, k: int = k) -> np.ndarray:  # raw frames: a full decode, then 1/k
+        frame = decode_image(data)
+        return frame if k == 1 else cv2.resize(frame, None, fx=1 / k, fy=1 / k,
+                                               interpolation=cv2.INTER_AREA)
 
     put("jpeg_decode", _throughput(decode_image, list(s1.values())))
     put("full_jpeg_decode", _throughput(decode_image, list(full.values())))

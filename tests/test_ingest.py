@@ -21,6 +21,7 @@ from zroact_tasks.errors import (
 )
 from zroact_tasks.media import clips
 from zroact_tasks.media.store import FrameStore, frames_key
+from zroact_tasks.media.video import decode_image
 from zroact_tasks.models import JobSpec
 from zroact_tasks.testing.sample_media import make_bad_videos
 
@@ -69,8 +70,8 @@ def test_slots_leave_with_their_frames_stored(assets, store, redis_server):
     # Stage 1 copies of every frame a clip uses; full-resolution copies of the keyframes only.
     assert stored == ({f"s1:{f}" for f in range(419) if clips.is_needed(f, 10)}
                       | {str(k) for k in result.keyframes})
-    small = cv2.imdecode(np.frombuffer(r.hget(frames_key(spec.job_id), "s1:9"), np.uint8), 1)
-    full = cv2.imdecode(np.frombuffer(r.hget(frames_key(spec.job_id), "9"), np.uint8), 1)
+    small = decode_image(r.hget(frames_key(spec.job_id), "s1:9"))  # raw + zstd: lossless
+    full = cv2.imdecode(np.frombuffer(r.hget(frames_key(spec.job_id), "9"), np.uint8), 1)  # JPEG
     assert small.shape == (224, 224, 3) and full.shape == (240, 320, 3)
     assert 0 < r.ttl(frames_key(spec.job_id)) <= 600
     assert result.warnings == []

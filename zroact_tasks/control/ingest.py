@@ -129,7 +129,7 @@ class _Encoder:
 def stage1_frame(frame, input_size: tuple[int, int]) -> bytes:
     """The frame as Stage 1 reads it: resized as YOWOv3 does (``model_frame``), stored lossless
     so that Stage 1's input is YOWOv3's to the bit (a JPEG copy moves pixels by up to ~100)."""
-    return video.encode_png(model_frame(frame, *input_size))
+    return video.encode_lossless(model_frame(frame, *input_size))
 
 
 def plan(spec: JobSpec, settings: Settings, input_size: tuple[int, int]) -> Plan:

@@ -172,7 +172,7 @@ def read_stream(spec: JobSpec, settings: Settings, jobs: JobStore, store: FrameS
                         last_keyframe[slots.keyframes(slot)[-1]] = slot
                 stored: dict[str, dict[int, bytes]] = {"stage1": {}, "full": {}}
                 if slots.needed(index):
-                    stored["stage1"][index] = video.encode_png(model_frame(frame, *input_size))
+                    stored["stage1"][index] = video.encode_lossless(model_frame(frame, *input_size))
                 owner = index // (spec.keyframe_stride * spec.slot_size)  # the slot of a keyframe
                 if stage2 and (index + 1) % spec.keyframe_stride == 0 and owner in slots.taken:
                     stored["full"][index] = video.encode_jpeg(frame, quality)

@@ -2,7 +2,7 @@
 
 Frames live in Redis (the cluster's one shared service), so workers on other hosts read them
 without a shared disk. One hash per job, field = frame index, value = the encoded frame (Stage 1's
-copies PNG at the model's input size, Stage 2's keyframes JPEG), so a clip's 16 frames come back
+copies raw + zstd at the model's input size, Stage 2's keyframes JPEG), so a clip's 16 frames come back
 in one HMGET round trip. The hash carries a TTL as a backstop; the job's
 finalize step deletes it.
 """

@@ -47,7 +47,7 @@ class FrameCache:
             self.hits += len(out)
         missing = [i for i in indices if i not in out]
         if missing:
-            stored = store.get_many(job_id, missing, kind="stage1")  # PNG at the model's size
+            stored = store.get_many(job_id, missing, kind="stage1")  # lossless, at the model's size
             decoded = {i: decode_image(data) for i, data in stored.items()}
             out.update(decoded)
             with self._lock:
@@ -72,7 +72,7 @@ def prepare_clips(detector: Detector, store: FrameStore, job_id: str, keyframes:
     if cache is not None:
         frames = cache.get_many(store, job_id, needed)
     else:
-        stored = store.get_many(job_id, needed, kind="stage1")  # PNG, resized at ingest
+        stored = store.get_many(job_id, needed, kind="stage1")  # lossless, resized at ingest
         frames = {i: decode_image(data) for i, data in stored.items()}
     shape = next(iter(frames.values())).shape
     if shape[:2] != (detector.input_height, detector.input_width):
