@@ -187,14 +187,17 @@ def run_long(url: str, env: dict, tmp_path, video_path, budget: int,
 
 def test_frames_held_do_not_grow_with_the_video(redis_server, standin, assets, tmp_path):
     """A 20-minute video holds at its peak no more than 1.2x the frames a 2-minute one does, and
-    completes under a frame budget of 1.5x that 2-minute peak (small frames keep it fast)."""
+    completes under a frame budget of 1.5x that 2-minute peak (small frames keep it fast).
+    Stage 1 (10 ms a clip) is slower than ingest, so decoding always runs as far ahead as the
+    lead lets it: the peak is the lead's, reached early by both, not a rare moment of the
+    longer run."""
     short = make_video(tmp_path / "2min.mp4", frames=2 * 60 * 10, fps=10, width=96, height=72,
                        side=16)
     long = make_video(tmp_path / "20min.mp4", frames=20 * 60 * 10, fps=10, width=96, height=72,
                       side=16)
     url = redis_server.url.rsplit("/", 1)[0] + "/9"
     env = {"ZROACT_MODEL": str(assets["model"]), "ZROACT_VLM_URL": standin.url,
-           "ZROACT_DETECTOR_OPTIONS": '{"size": [96, 72]}',  # frames stored at 96x72
+           "ZROACT_DETECTOR_OPTIONS": '{"size": [96, 72], "per_clip_s": 0.01}',  # 96x72 frames
            "ZROACT_DETECTOR": "zroact_tasks.testing.instant:InstantDetector"}
     report2, peak2 = run_long(url, env, tmp_path / "a", short, 2 * 1024**3)
     report20, peak20 = run_long(url, env, tmp_path / "b", long, int(1.5 * peak2))

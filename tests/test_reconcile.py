@@ -126,6 +126,25 @@ def test_chunks_are_sent_once_each_within_the_lead(store_db):
     assert jobs.next_chunks("j1", 4, 2) == []  # nothing past the end
 
 
+def test_slots_offered_by_a_chunk_still_decoding_count_once(store_db):
+    """A chunk offers each slot once its frames are stored: 2 of chunk 0's 4 slots offered and
+    queued, 2 still decoding, make 4 of the lead's 8, so chunk 1 goes (counted twice: 10 > 8)."""
+    _, jobs, _ = store_db
+    jobs.create(_spec(), 60, 60)
+    for slot in (0, 1):
+        jobs.pump_slots("j1", 4, offer={"slot": slot, "keyframes": [slot]})
+    assert jobs.next_chunks("j1", 4, 2) == [1]
+
+
+def test_a_chunk_past_the_declared_end_waits_for_the_chunks_before_it(store_db):
+    _, jobs, _ = store_db
+    jobs.create(_spec(), 60, 60)
+    assert jobs.next_chunks("j1", 4, 2, hint=1) == []  # chunk 0 may find the end: wait
+    jobs.chunk_done("j1", 0, 12, None)  # it did not (the declared frame count was short)
+    assert jobs.next_chunks("j1", 4, 2, hint=1) == [1]  # then one more, and so on
+    assert jobs.next_chunks("j1", 4, 2, hint=1) == []
+
+
 def test_a_slot_offered_twice_enters_the_window_once(store_db):
     _, jobs, _ = store_db
     jobs.create(_spec(), 60, 60)

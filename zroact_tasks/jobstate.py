@@ -114,10 +114,25 @@ local per, lead = tonumber(ARGV[1]), tonumber(ARGV[2])
 local nxt = tonumber(redis.call('HGET', KEYS[1], 'chunk_next') or '1')
 local queued = redis.call('LLEN', KEYS[2]) + redis.call('SCARD', KEYS[3])
 local unended = math.max(0, redis.call('SCARD', KEYS[5]) - redis.call('SCARD', KEYS[6]))
+-- A chunk offers each slot once its frames are stored: those of chunks still decoding count
+-- once (queued), not twice (queued and decoding).
+local early = 0
+for c = math.max(0, nxt - 2 * lead - 2), nxt - 1 do
+  if redis.call('SISMEMBER', KEYS[4], tostring(c)) == 0 then
+    for j = c * per, c * per + per - 1 do
+      early = early + redis.call('SISMEMBER', KEYS[5], tostring(j))
+    end
+  end
+end
+-- Chunks from HINT on (past the declared frame count) wait until every chunk before them is
+-- stored without finding the end: a short video sends no chunk past its end.
+local hint = tonumber(ARGV[3])
 local out = {}
 while true do
-  local decoding = (nxt - redis.call('SCARD', KEYS[4]) + 1) * per
+  local stored = redis.call('SCARD', KEYS[4])
+  local decoding = (nxt - stored + 1) * per - early
   if decoding + queued > lead * per or decoding + unended > 2 * lead * per then break end
+  if hint > 0 and nxt >= hint and stored < nxt then break end
   table.insert(out, nxt)
   nxt = nxt + 1
 end
@@ -324,11 +339,12 @@ class JobStore:
         return [json.loads(i) for i in items]
 
     # --- chunked ingest --------------------------------------------------------------------
-    def next_chunks(self, job_id: str, per_chunk: int, lead: int) -> list[int]:
-        """The job's chunks to send now (``_NEXT_CHUNKS``)."""
+    def next_chunks(self, job_id: str, per_chunk: int, lead: int, hint: int = 0) -> list[int]:
+        """The job's chunks to send now (``_NEXT_CHUNKS``); ``hint``: the chunks the declared
+        frame count fills (0: none declared)."""
         keys = [_key(job_id), _key(job_id, "pending"), _key(job_id, "inflight"),
                 _key(job_id, "chunks"), _key(job_id, "offered"), _key(job_id, "groups_done")]
-        return [int(c) for c in self._next_chunks(keys=keys, args=[per_chunk, lead])]
+        return [int(c) for c in self._next_chunks(keys=keys, args=[per_chunk, lead, hint])]
 
     def chunk_done(self, job_id: str, chunk: int, keyframes: int,
                    end_frame: int | None) -> tuple[int, int, int]:

@@ -115,13 +115,18 @@ class _Encoder:
         kind, index, future = self.pending.popleft()
         self.buffer.add(kind, index, future.result())
 
+    def drain(self) -> None:
+        """Every frame submitted so far is in the buffer."""
+        while self.pending:
+            self._land()
+
     def __enter__(self) -> _Encoder:
         return self
 
     def __exit__(self, exc_type, *exc: object) -> None:
         try:
-            while self.pending and exc_type is None:
-                self._land()
+            if exc_type is None:
+                self.drain()
         finally:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -157,6 +162,8 @@ def ingest_chunk(spec: JobSpec, job_plan: Plan, chunk: int, settings: Settings,
                  stage2: bool = True, should_stop: Callable[[], bool] = lambda: False) -> ChunkResult:
     """Decode chunk ``chunk``, store what its slots need, call ``send_slot(j, keyframes)``.
 
+    Each slot is sent as soon as the frames its clips and keyframes read are stored (decoding
+    goes on behind it): a job's first clip starts after one slot's frames, not a chunk's.
     Slots in ``skip`` (offered by an earlier run of this chunk) are neither stored nor sent
     again. Raises VideoTooShortError when chunk 0 finds fewer frames than one keyframe stride.
     """
@@ -167,10 +174,18 @@ def ingest_chunk(spec: JobSpec, job_plan: Plan, chunk: int, settings: Settings,
                                      spec.sampling_rate)
     wanted = {j: clips.slot_keyframes(j, size, stride) for j in range(first_slot, first_slot + per)
               if j not in skip}
+    complete_at = {max(kfs): j for j, kfs in wanted.items()}  # its last keyframe: its last frame
     keyframes = {k for kfs in wanted.values() for k in kfs}
     stage1 = {f for k in keyframes for f in clips.clip_frames(k, spec.clip_length, spec.sampling_rate)}
     buffer, quality = _Buffer(store, spec.job_id), settings.frame_jpeg_quality
     result = ChunkResult()
+
+    def offer(j: int, kfs: list[int]) -> None:
+        send_slot(j, kfs)
+        result.slots.append((j, kfs))
+        result.keyframes += len(kfs)
+        del wanted[j]
+
     decoded_to = first  # frames 0 .. decoded_to - 1 exist
     with _Encoder(buffer, settings.ingest_encode_threads) as encoder:
         for index, frame in video.decode_span(job_plan.path, first, last, seek=job_plan.seekable,
@@ -183,6 +198,13 @@ def ingest_chunk(spec: JobSpec, job_plan: Plan, chunk: int, settings: Settings,
                 encoder.submit("stage1", index, stage1_frame, frame, job_plan.input_size)
             if stage2 and index in keyframes:
                 encoder.submit("full", index, video.encode_jpeg, frame, quality)
+            if index in complete_at:
+                encoder.drain()
+                buffer.flush()
+                if buffer.job_ended:
+                    result.stopped = True
+                    break
+                offer(complete_at[index], wanted[complete_at[index]])
     buffer.flush()
     if result.stopped or buffer.job_ended or should_stop():
         result.stopped = True
@@ -192,12 +214,10 @@ def ingest_chunk(spec: JobSpec, job_plan: Plan, chunk: int, settings: Settings,
         if chunk == 0 and decoded_to < stride:
             raise VideoTooShortError(
                 str(spec.video), f"{decoded_to} frames is shorter than one keyframe stride ({stride})")
-    for j, kfs in wanted.items():
+    for j, kfs in list(wanted.items()):  # the video ended inside these slots
         kfs = [k for k in kfs if k < decoded_to]
         if kfs:
-            send_slot(j, kfs)
-            result.slots.append((j, kfs))
-            result.keyframes += len(kfs)
+            offer(j, kfs)
     result.seconds = time.perf_counter() - started
     return result
 

@@ -106,8 +106,11 @@ def send_next_chunks(spec: JobSpec, meta: dict | None = None) -> list[int]:
     meta = meta if meta is not None else jobs.meta(spec.job_id)
     if "plan" not in meta:
         return []  # chunk 0 has not planned the job yet: it sends the next chunks itself
-    per = Plan(**json.loads(meta["plan"])).chunk_slots
-    chunks = jobs.next_chunks(spec.job_id, per, get_settings().ingest_lead_chunks)
+    job_plan = Plan(**json.loads(meta["plan"]))
+    per = job_plan.chunk_slots
+    span = per * spec.slot_size * spec.keyframe_stride  # a chunk's own frames
+    hint = -(-job_plan.declared_frames // span) if job_plan.declared_frames > 0 else 0
+    chunks = jobs.next_chunks(spec.job_id, per, get_settings().ingest_lead_chunks, hint)
     for chunk in chunks:
         pipeline.send_ingest(app, spec.model_dump(mode="json"), chunk)
     return chunks
