@@ -96,13 +96,15 @@ def test_stage1_recommendation_prefers_the_smallest_batch_near_the_best():
 
 def test_frame_path_bench_smoke(tmp_path, capsys):
     out = tmp_path / "fp.json"
-    result = frame_path.main(["--frames", "20", "--size", "320x240", "--json", str(out)])
+    result = frame_path.main(["--frames", "20", "--size", "640x360", "--json", str(out)])
     (r,) = result["results"]
     for key, _, _ in frame_path.STEPS + frame_path.COMBINED + frame_path.FULL_STEPS:
         assert r[key] > 0 and r["cpu"][key] > 0, key
     assert r["slowest"] in {k for k, _, _ in frame_path.STEPS}
     assert r["s1_bytes"] > 0 and r["kf_bytes"] > 0  # lossless 224 copies, JPEG keyframes
+    # 224 copies + keyframe JPEGs store less than lossless full frames (at 320x240 both are
+    # about equal since the copies are zstd: ~14.4 KB a video frame either way)
     assert r["bytes_per_video_frame"] < r["full_bytes_per_video_frame"]
     assert result["need_frames_per_s"]["clip"] == pytest.approx(16 / 0.163)
-    assert json.loads(out.read_text())["results"][0]["size"] == "320x240"
+    assert json.loads(out.read_text())["results"][0]["size"] == "640x360"
     assert "slowest single step" in capsys.readouterr().out

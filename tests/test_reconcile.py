@@ -145,6 +145,22 @@ def test_a_chunk_past_the_declared_end_waits_for_the_chunks_before_it(store_db):
     assert jobs.next_chunks("j1", 4, 2, hint=1) == []
 
 
+def test_a_held_message_whose_work_is_recorded_is_no_sign_of_work(store_db):
+    """After a Redis restart a finished task's message can stay held (its ack lost) until the
+    visibility timeout: the reconciler does not wait on it, but does on one not yet recorded."""
+    from zroact_tasks.control.reconcile import Reconciler
+
+    _, jobs, _ = store_db
+    jobs.create(_spec(), 60, 60)
+    jobs.record_keyframes("j1", [{"keyframe": 9, "detections": []}])
+    jobs.record_group("j1", 0, {"verdict": None, "error": "x"}, [9, 19, 29])
+    jobs.chunk_done("j1", 0, 12, None)
+    done = {"j1:s1:9", "j1:s2:0", "j1:slot:0", "j1:ingest"}
+    assert Reconciler.recorded(jobs, "j1", done)
+    for pending in ("j1:s1:19", "j1:s2:1", "j1:ingest:1", "j1:finalize"):
+        assert not Reconciler.recorded(jobs, "j1", done | {pending}), pending
+
+
 def test_a_slot_offered_twice_enters_the_window_once(store_db):
     _, jobs, _ = store_db
     jobs.create(_spec(), 60, 60)

@@ -99,8 +99,8 @@ class Reconciler:
             return restored
 
     # --- 2. stranded jobs -------------------------------------------------------------------
-    def queued_or_held(self) -> set[str]:
-        """Ids of every task waiting in a queue or held by a worker."""
+    def queued_or_held(self) -> tuple[set[str], set[str]]:
+        """Ids of every task waiting in a queue, and of every task held by a worker."""
         with self.app.connection_for_write() as conn:
             channel = conn.default_channel
             lists = [channel._q_for_pri(q, p) for q in ("control", "stage1", "stage2")
@@ -110,10 +110,30 @@ class Reconciler:
                 pipe.lrange(name, 0, -1)
             pipe.hvals(channel.unacked_key)
             found = pipe.execute()
-        ids = {_task_id(m) for messages in found[:-1] for m in messages}
-        ids.update(_task_id(held) for held in found[-1])
-        ids.discard(None)
-        return ids
+        queued = {_task_id(m) for messages in found[:-1] for m in messages} - {None}
+        held = {_task_id(m) for m in found[-1]} - {None}
+        return queued, held
+
+    @staticmethod
+    def recorded(jobs, job_id: str, task_ids: set[str]) -> bool:
+        """Whether the work of every one of these tasks of the job is recorded. A message can
+        stay held after its task ended: a Redis restart between the task and its ack leaves
+        it in the unacked hash of a live worker until the visibility timeout; it is no sign
+        of work going on."""
+        steps = [t[len(job_id) + 1:].split(":") for t in task_ids]
+        keyframes = [int(s[1]) for s in steps if s[0] == "s1" and len(s) == 2]
+        kf = jobs.keyframe_records(job_id, keyframes) if keyframes else {}
+        groups = jobs.groups(job_id) if any(s[0] in ("s2", "slot") for s in steps) else {}
+        chunks = jobs.chunks_stored(job_id) if any(s[0] == "ingest" for s in steps) else set()
+        for step in steps:
+            if step[0] == "s1" and len(step) == 2 and int(step[1]) in kf:
+                continue
+            if step[0] in ("s2", "slot") and len(step) == 2 and int(step[1]) in groups:
+                continue
+            if step[0] == "ingest" and int(step[1] if len(step) == 2 else 0) in chunks:
+                continue
+            return False
+        return True
 
     def stranded(self, now: float | None = None) -> list[str]:
         """Unfinished jobs to repair: quiet (nothing recorded, nothing queued or held) since
@@ -131,7 +151,13 @@ class Reconciler:
         if not idle:
             self.quiet_since.clear()
             return []
-        busy = {task_id.split(":", 1)[0] for task_id in self.queued_or_held()}
+        queued, held = self.queued_or_held()
+        busy = {task_id.split(":", 1)[0] for task_id in queued}
+        holds: dict[str, set[str]] = {}
+        for task_id in held:
+            holds.setdefault(task_id.split(":", 1)[0], set()).add(task_id)
+        busy |= {job_id for job_id, ids in holds.items()
+                 if job_id in idle and not self.recorded(jobs, job_id, ids)}
         out = []
         for job_id, age in idle.items():
             if job_id in busy:
