@@ -46,6 +46,18 @@ def validate_report(data: dict) -> None:
     jsonschema.validate(data, schema)
 
 
+def wait_for_success(recorder, task_id: str, timeout: float = 60) -> None:
+    """Until the recorder has seen ``task_id`` succeed (a task-succeeded event)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with recorder.log.lock:
+            task = recorder.log.tasks.get(task_id)
+            if task is not None and task.succeeded:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"{task_id} did not succeed within {timeout:g} s")
+
+
 def assert_revoked_after(recorder, job_id: str, returned_at: float) -> int:
     """The job's tasks after ``job.cancel()`` returned: pending ones were revoked (a task-revoked
     event, never a start), none started later. Bookkeeping that ends the job may still run:

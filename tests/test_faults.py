@@ -13,7 +13,7 @@ import redis
 from zroact_tasks.media.store import frames_key
 
 from .conftest import start_cluster
-from .helpers import assert_revoked_after, validate_report
+from .helpers import assert_revoked_after, validate_report, wait_for_success
 
 
 def test_a_stage1_failure_fails_only_its_slot(redis_server, standin, assets, tmp_path):
@@ -53,16 +53,7 @@ def test_cancel_leaves_other_jobs_alone(client, standin, assets):
         victim = client.submit(assets["video"], prompt="The victim: is it moving?")
         assert standin.wait_for_requests(first + 1, timeout=60)
         # The cancel must find work pending: the victim's frames are in and its tasks sent.
-        ingested = f"{victim.id}:ingest"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            with recorder.log.lock:
-                task = recorder.log.tasks.get(ingested)
-                if task is not None and task.succeeded:
-                    break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the victim's ingest did not finish")
+        wait_for_success(recorder, f"{victim.id}:ingest")
         assert victim.cancel()
         returned_at = time.time()
         standin.release()

@@ -128,3 +128,14 @@ def test_media_root_rejects_escapes(assets, tmp_path, store):
     for path in ("../outside.mp4", "sub/../../outside.mp4", "link.mp4", str(assets["short_video"])):
         with pytest.raises(MediaRootError, match="resolves outside MEDIA_ROOT"):
             run(path, store, settings)
+
+
+def test_stage1_copies_are_lossless_and_a_corrupt_one_is_a_decode_error():
+    from zroact_tasks.errors import VideoDecodeError
+    from zroact_tasks.media.video import encode_lossless
+
+    frame = np.random.default_rng(7).integers(0, 256, (224, 224, 3), np.uint8)
+    data = encode_lossless(frame)
+    assert np.array_equal(decode_image(data), frame)  # bit-exact, shape from the header
+    with pytest.raises(VideoDecodeError, match="does not decompress"):
+        decode_image(data[:8] + b"not zstd at all")

@@ -14,7 +14,8 @@ from zroact_tasks.testing.sample_media import square_bbox
 from zroact_tasks.testing.taskevents import EventRecorder
 from zroact_tasks.testing.vllm_standin import expected_content
 
-from .helpers import assert_revoked_after, decode_data_url, psnr, read_frames, validate_report
+from .helpers import (assert_revoked_after, decode_data_url, psnr, read_frames, validate_report,
+                      wait_for_success)
 
 PROMPT = "Is the red square really moving?"
 
@@ -101,8 +102,11 @@ def test_cancel_revokes_the_job_and_deletes_its_frames(client, standin, assets):
     standin.hold()
     first = len(standin.requests)
     with EventRecorder(client.app) as recorder:
-        job = client.submit(assets["video"])  # 41 clips: most still queued at slot 0's request
+        job = client.submit(assets["video"])  # 41 clips: most still queued at the cancel
         assert standin.wait_for_requests(first + 1, timeout=60)
+        # Slot 0 is offered as soon as its frames are in, so its request can come before chunk
+        # 0 has offered the rest: cancel once it has, so that there is work pending to revoke.
+        wait_for_success(recorder, f"{job.id}:ingest")
         assert job.cancel() is True
         returned_at = time.time()
         report = job.wait(timeout=60)

@@ -162,7 +162,8 @@ then the pixels (uint8, row-major) compressed with zstd."""
 _RAW_HEADER = struct.Struct("<4sHHH")
 ZSTD_LEVEL = 1
 """At 224x224, level 1 is as small as PNG level 1 (13.9 vs 13.6 KB on the sample video, 90 vs
-92 KB on noisy texture) and encodes in 0.2-0.3 ms instead of 1.8-3 ms (bench/frame_path.py)."""
+92 KB on noisy texture) and encodes in 0.2-0.3 ms instead of 1.8-3 ms, decodes in 0.1-0.3 ms
+instead of 1-1.5 ms (measured on this machine; bench/frame_path.py has the path's rates)."""
 _zstd = threading.local()  # zstandard's contexts are not for concurrent use across threads
 
 
@@ -183,7 +184,10 @@ def encode_lossless(frame: np.ndarray) -> bytes:
 def _decode_raw(data: bytes) -> np.ndarray:
     _, height, width, channels = _RAW_HEADER.unpack_from(data)
     size = height * width * channels
-    pixels = _codec()[1].decompress(memoryview(data)[_RAW_HEADER.size:], max_output_size=size)
+    try:
+        pixels = _codec()[1].decompress(memoryview(data)[_RAW_HEADER.size:], max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise VideoDecodeError("frame", f"stored frame does not decompress: {exc}") from exc
     if len(pixels) != size:
         raise VideoDecodeError("frame", f"stored frame holds {len(pixels)} bytes, not {size}")
     return np.frombuffer(pixels, np.uint8).reshape(height, width, channels)
